@@ -24,7 +24,7 @@ SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
 
 def _empty_char_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    # One token per character, newlines included ((?s) lets '.' match '\n').
+    # One token per character, newlines included ([\s\S] matches any character).
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return tok

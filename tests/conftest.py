@@ -1,0 +1,56 @@
+"""Shared fixtures: small cuts of the bundled corpus, and a config composed like the app's."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from lingmao.config import CONF_DIR, CORPUS_DIR
+
+SAMPLE = CORPUS_DIR / "poetry_sample"
+
+
+def cut_corpus(src: Path, dest: Path, lines: int) -> Path:
+    """Write the first `lines` lines of `src` to `dest` (tests use real text, not invented text)."""
+    with open(src, encoding="utf-8") as f:
+        dest.write_text("".join(itertools.islice(f, lines)), encoding="utf-8")
+    return dest
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> tuple[Path, Path]:
+    """(train, test) JSONL files: 400 and 60 poems of the bundled corpus."""
+    return (
+        cut_corpus(SAMPLE / "train.jsonl", tmp_path / "train.jsonl", 400),
+        cut_corpus(SAMPLE / "test.jsonl", tmp_path / "test.jsonl", 60),
+    )
+
+
+def tiny_overrides(tmp_path: Path, train: Path, test: Path, steps: int = 20) -> list[str]:
+    """Overrides for a run that takes seconds on a CPU."""
+    return [
+        "model=tiny",
+        "model.d_model=32",
+        "model.dim_feedforward=64",
+        "hardware=cpu",
+        "night=off",
+        "data=jsonl",
+        f"data.train_file={train}",
+        f"data.test_file={test}",
+        "data.context_length=32",
+        "data.batch_size=8",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=4",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "optim.warmup_steps=5",
+    ]
+
+
+@pytest.fixture
+def conf_dir() -> Path:
+    return CONF_DIR

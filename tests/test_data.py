@@ -1,0 +1,148 @@
+import gzip
+import logging
+
+import numpy as np
+import pytest
+
+from lingmao.data import LMDataModule, TextSource, TokenFile, WindowDataset, iter_documents, load_or_tokenize
+from lingmao.errors import LingmaoError
+from lingmao.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_tokenizer
+
+
+@pytest.fixture
+def tokenizer(small_corpus):
+    train, _ = small_corpus
+    return train_tokenizer(iter_documents(train))
+
+
+def test_tokenizer_round_trip_and_specials(small_corpus, tokenizer, tmp_path):
+    train, _ = small_corpus
+    text = next(iter_documents(train))
+    ids = tokenizer.encode(text).ids
+    ids_ = special_ids(tokenizer)
+    assert ids[0] == ids_["bos"] and ids[-1] == ids_["eos"]
+    assert len(ids) == len(text) + 2  # one token per character, newlines and punctuation included
+    assert tokenizer.decode(ids) == text
+    assert ids_["pad"] == 0
+    assert tokenizer.encode("\U0001f600", add_special_tokens=False).ids == [ids_["unk"]]
+    save_tokenizer(tokenizer, tmp_path / "tok.json")
+    assert load_tokenizer(tmp_path / "tok.json").encode(text).ids == ids
+
+
+def test_gz_reads_like_plain(small_corpus, tmp_path):
+    train, _ = small_corpus
+    gz = tmp_path / "train.jsonl.gz"
+    gz.write_bytes(gzip.compress(train.read_bytes()))
+    assert list(iter_documents(gz)) == list(iter_documents(train))
+
+
+def test_template_and_text_key(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"title": "静夜思", "body": "床前明月光"}\n', encoding="utf-8")
+    assert list(iter_documents(f, text_key="body")) == ["床前明月光"]
+    assert list(iter_documents(f, template="{title}\n{body}")) == ["静夜思\n床前明月光"]
+
+
+def test_convert_t2s(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "函谷壯皇居"}\n', encoding="utf-8")
+    assert list(TextSource(convert="t2s").texts(f)) == ["函谷壮皇居"]
+
+
+def flat(n: int, doc_lengths: list[int] | None = None) -> TokenFile:
+    doc_lengths = doc_lengths or [n]
+    offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
+    return TokenFile(np.arange(offsets[-1], dtype=np.uint16), offsets)
+
+
+@pytest.mark.parametrize("n,context,stride,expected", [(100, 10, 10, 9), (100, 10, 1, 90), (11, 10, 5, 1), (10, 10, 1, 0)])
+def test_stride_arithmetic(n, context, stride, expected):
+    ds = WindowDataset(flat(n), context, stride)
+    assert len(ds) == expected
+    if expected:
+        x, y = ds[len(ds) - 1]
+        assert x.shape == (context,) and torch_equal(y[:-1], x[1:])
+        assert int(y[-1]) <= n - 1  # the last window stays inside the array
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_windows_are_shifted_by_one():
+    ds = WindowDataset(flat(50), 8, 3)
+    x, y = ds[2]
+    assert x.tolist() == list(range(6, 14)) and y.tolist() == list(range(7, 15))
+
+
+def test_packing_off_keeps_windows_inside_documents():
+    data = flat(0, [5, 30, 12, 3])
+    packed = WindowDataset(data, 10, 10, packing=True)
+    unpacked = WindowDataset(data, 10, 10, packing=False)
+    assert len(packed) == (50 - 11) // 10 + 1
+    # doc of 30 tokens: starts 5, 15 (25 would need 36 > 35); doc of 12: start 35; the others are too short.
+    assert [unpacked.start(i) for i in range(len(unpacked))] == [5, 15, 35]
+    assert unpacked.too_short == 2
+    for i in range(len(unpacked)):
+        s = unpacked.start(i)
+        doc = int(np.searchsorted(data.doc_offsets, s, side="right")) - 1
+        assert s + 11 <= data.doc_offsets[doc + 1]
+
+
+def test_cache_hit_on_second_load(small_corpus, tokenizer, tmp_path, caplog):
+    train, _ = small_corpus
+    cache = tmp_path / "cache"
+    first = load_or_tokenize(train, tokenizer, TextSource(), cache)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 2 and all(not f.endswith(".tmp") for f in files)
+    with caplog.at_level(logging.INFO, logger="lingmao.data"):
+        second = load_or_tokenize(train, tokenizer, TextSource(), cache)
+    assert "token cache hit" in caplog.text
+    assert isinstance(second.tokens, np.memmap) and second.tokens.dtype == np.uint16
+    assert np.array_equal(first.tokens, second.tokens) and np.array_equal(first.doc_offsets, second.doc_offsets)
+    # Another text setting is another cache entry, not a stale hit.
+    load_or_tokenize(train, tokenizer, TextSource(convert="t2s"), cache)
+    assert len(list(cache.iterdir())) == 4
+
+
+def test_cache_ignores_a_damaged_entry(small_corpus, tokenizer, tmp_path):
+    train, _ = small_corpus
+    cache = tmp_path / "cache"
+    good = np.array(load_or_tokenize(train, tokenizer, TextSource(), cache).tokens)
+    tokens_file = next(cache.glob("*.tokens.npy"))
+    damaged = tokens_file.read_bytes()[:100]
+    tokens_file.unlink()  # a new file: the old one may still be memory-mapped
+    tokens_file.write_bytes(damaged)
+    again = load_or_tokenize(train, tokenizer, TextSource(), cache)
+    assert np.array_equal(good, again.tokens)
+
+
+def test_memory_is_about_two_bytes_a_token_whatever_the_stride(small_corpus, tokenizer):
+    train, _ = small_corpus
+    data = load_or_tokenize(train, tokenizer, TextSource(), None)
+    for stride in (1, 7, 64):
+        ds = WindowDataset(data, 64, stride)
+        assert ds.tokens.nbytes / len(ds.tokens) == 2
+        assert getattr(ds, "_doc_starts", None) is None  # no per-window storage
+
+
+def test_datamodule_loaders(small_corpus, tmp_path):
+    train, test = small_corpus
+    dm = LMDataModule(str(train), str(test), str(tmp_path / "tok.json"), context_length=32, batch_size=4,
+                      cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (tmp_path / "tok.json").is_file()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 32) and y.shape == (4, 32)
+    v1 = [b[0] for b in dm.val_dataloader()]
+    v2 = [b[0] for b in dm.val_dataloader()]
+    assert all(torch_equal(a, b) for a, b in zip(v1, v2, strict=True))  # validation is not shuffled
+
+
+def test_zero_windows_is_a_clear_error(tmp_path):
+    f = tmp_path / "short.jsonl"
+    f.write_text('{"text": "床前明月光"}\n', encoding="utf-8")
+    dm = LMDataModule(str(f), None, str(tmp_path / "tok.json"), context_length=64, batch_size=1)
+    with pytest.raises(LingmaoError, match=r"short.jsonl.*no window.*1 documents, 7 tokens"):
+        dm.setup("fit")

@@ -1,0 +1,50 @@
+"""End-to-end: `python -m lingmao.train` on a cut of the corpus writes a checkpoint and an export that loads back."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lingmao import load_model
+from tests.conftest import tiny_overrides
+
+
+def run_train(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lingmao.train", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_train_checkpoint_export_reload(small_corpus, tmp_path):
+    train, test = small_corpus
+    export_dir = tmp_path / "export"
+    proc = run_train(*tiny_overrides(tmp_path, train, test, steps=30), "run_name=e2e", f"model_save_dir={export_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "runs" / "e2e"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 30
+    assert "unigram baseline perplexity" in proc.stderr + proc.stdout
+
+    loaded = load_model(export_dir)
+    assert loaded.config["model"]["d_model"] == 32
+    # The export holds the trained weights: same logits as the checkpoint's model.
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    ids = torch.tensor([loaded.tokenizer.encode("床前明月光").ids])
+    from lingmao.module import build_model
+
+    reference = build_model(loaded.config["vocab_size"], loaded.config["model"])
+    reference.load_state_dict(state)
+    reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids), reference(ids), atol=1e-6)
+
+
+def test_mps_on_a_machine_without_it_is_one_line_and_exit_2(tmp_path):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    proc = run_train("hardware=mps", "model=tiny", f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: hardware=mps: MPS is not available")
+    assert "Traceback" not in proc.stderr
