@@ -1,0 +1,336 @@
+"""Night mode: the window and clock, and the batch size, learning rate and threads a running trainer really uses."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import lingmao.train as train_mod
+from lingmao.config import CONF_DIR
+from lingmao.errors import LingmaoError
+from lingmao.night import (
+    NightMode,
+    NightSettings,
+    NightWindow,
+    ProcessLimits,
+    ScriptedClock,
+    build_night_mode,
+    make_clock,
+    night_accumulation,
+    night_batch_size,
+    parse_time,
+    real_clock,
+)
+from tests.conftest import tiny_overrides
+
+T = dt.time
+
+
+# ----------------------------------------------------------------------------------------------
+# Window and clock
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("start", "end", "now", "night"),
+    [
+        ("22:00", "07:00", "23:30", True),   # inside, before midnight
+        ("22:00", "07:00", "03:00", True),   # inside, after midnight
+        ("22:00", "07:00", "22:00", True),   # start is inside
+        ("22:00", "07:00", "07:00", False),  # end is outside
+        ("22:00", "07:00", "21:59", False),
+        ("22:00", "07:00", "12:00", False),
+        ("01:00", "05:00", "03:00", True),   # a window inside one day
+        ("01:00", "05:00", "23:00", False),
+        ("22:00", "22:00", "22:30", False),  # empty window
+    ],
+)
+def test_window(start, end, now, night):
+    window = NightWindow(parse_time(start, "night.start"), parse_time(end, "night.end"))
+    assert window.contains(parse_time(now, "night.now")) is night
+
+
+def test_empty_window_disables_night_mode():
+    for start, end in [(None, "07:00"), ("", "07:00"), ("22:00", None), ("22:00", "22:00")]:
+        window = NightWindow(parse_time(start, "night.start"), parse_time(end, "night.end"))
+        assert window.empty and not window.contains(T(23, 0))
+        assert not NightMode(window, clock=lambda: T(23, 0)).enabled
+
+
+def test_parse_time_errors_name_the_key():
+    assert parse_time("07:30:15", "night.end") == T(7, 30, 15)
+    with pytest.raises(LingmaoError, match=r"night\.start: \"25:00\" is not a time"):
+        parse_time("25:00", "night.start")
+    # YAML 1.1 reads an unquoted 22:00 as 1320: say so.
+    with pytest.raises(LingmaoError, match=r"night\.start:.*unquoted 22:00.*quote it"):
+        parse_time(1320, "night.start")
+
+
+def test_clocks():
+    assert make_clock(None) is real_clock
+    assert make_clock("23:30")() == T(23, 30)
+    scripted = make_clock(OmegaConf.create({"now": ["21:59", "22:00"]}).now)
+    assert isinstance(scripted, ScriptedClock)
+    assert [scripted() for _ in range(3)] == [T(21, 59), T(22, 0), T(22, 0)]
+    with pytest.raises(LingmaoError, match=r"night\.now\[1\]"):
+        make_clock(["21:00", "late"])
+
+
+def test_batch_and_accumulation_arithmetic():
+    assert night_batch_size(16, 0.5) == 8
+    assert night_batch_size(1, 0.5) == 1  # never below 1
+    assert night_batch_size(5, 0.5) == 2
+    assert night_accumulation(16, 1, 8) == 2
+    assert night_accumulation(16, 2, 8) == 4
+    assert night_accumulation(1, 1, 1) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("batch_size_factor", 0), ("batch_size_factor", 1.5), ("lr_factor", 0), ("cpu_fraction", 2),
+     ("gpu_memory_fraction", -0.5), ("check_every_n_steps", -1)],
+)
+def test_settings_errors(key, value):
+    with pytest.raises(LingmaoError, match=rf"night\.{key}"):
+        NightSettings.from_config({key: value})
+
+
+def test_config_groups_build_the_callback():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        on = compose("train", overrides=["night.now=23:30"])
+        off = compose("train", overrides=["night=off"])
+    cb = build_night_mode(on.night, on.hardware)
+    assert cb.enabled and str(cb.window) == "22:00-07:00" and cb.clock() == T(23, 30)
+    assert cb.settings == NightSettings(0.5, 0.75, False, 0.5, 0.5, 0)
+    assert not build_night_mode(off.night, off.hardware).enabled
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits on CUDA / MPS, with the torch calls replaced by recorders
+# ----------------------------------------------------------------------------------------------
+def test_cuda_limits_use_the_memory_fraction(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(("cap", f, d)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty",)))
+    threads = torch.get_num_threads()
+    limits = ProcessLimits(cpu_fraction=0.5, gpu_memory_fraction=0.5, base_gpu_fraction=0.8)
+    limits.capture(torch.device("cuda", 1))
+    assert limits.set(True) == ["gpu memory 80%->50%"]
+    assert limits.set(True) == []  # already on: nothing called again
+    assert limits.set(False) == ["gpu memory 50%->80%"]
+    assert calls == [("cap", 0.5, 1), ("empty",), ("cap", 0.8, 1)]
+    assert torch.get_num_threads() == threads  # threads are a CPU limit
+
+    calls.clear()
+    limits = ProcessLimits(0.5, 0.5, base_gpu_fraction=0.3)  # never raise a lower hardware cap
+    limits.capture(torch.device("cuda", 0))
+    limits.set(True)
+    limits.set(False)
+    assert [c for c in calls if c[0] == "cap"] == [("cap", 0.3, 0), ("cap", 0.3, 0)]
+
+
+def test_mps_limits_use_the_mps_memory_fraction(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", lambda f: calls.append(("cap", f)))
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: calls.append(("empty",)))
+    monkeypatch.delenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", raising=False)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        limits = ProcessLimits(0.5, 0.5)
+        limits.capture(torch.device("mps"))
+        assert limits.set(True) == ["threads 2->1", "mps memory limit x0.5"]
+        assert torch.get_num_threads() == 1
+        assert limits.set(False) == ["threads 1->2", "mps memory limit x1.7"]
+        assert calls == [("cap", 0.5), ("empty",), ("cap", 1.7)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_all_processes_follow_rank_zero_clock():
+    """In a multi-device run the decision is broadcast from rank 0, so batch counts cannot differ."""
+    cb = NightMode(NightWindow(T(22), T(7)), clock=lambda: T(12, 0))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: T(23, 0)))
+    assert cb._is_night(trainer) == (True, T(23, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real short runs on CPU: values read back from the running trainer, optimizer and torch
+# ----------------------------------------------------------------------------------------------
+class Recorder(L.Callback):
+    """What the trainer actually uses at each batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        unscaled = pl_module.optim_cfg["lr"] * sched.lr_lambdas[0].base(sched.last_epoch)
+        self.rows.append({
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "batch": batch[0].shape[0],
+            "lr_scale": round(lr / unscaled, 6),
+            "threads": torch.get_num_threads(),
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "accumulation": trainer.accumulate_grad_batches,
+        })
+
+    def per_epoch(self, key: str) -> dict[int, set]:
+        out: dict[int, set] = {}
+        for row in self.rows:
+            out.setdefault(row["epoch"], set()).add(row[key])
+        return out
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    yield
+    torch.set_num_threads(threads)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def night_cfg(tmp_path: Path, small_corpus, *extra: str, steps: int = 6):
+    train, test = small_corpus
+    base = [o for o in tiny_overrides(tmp_path, train, test, steps=steps) if o != "night=off"]
+    group = [] if any(e.startswith("night=") for e in extra) else ["night=default"]
+    overrides = [
+        *base, *group, "hardware.cpu_threads=2", "run_test=false", "export=false", "checkpoint_every=0",
+        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", *extra,
+    ]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run_recorded(cfg, monkeypatch) -> Recorder:
+    recorder = Recorder()
+    build = train_mod.build_callbacks
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda c, d: [*build(c, d), recorder])
+    train_mod.train(cfg)
+    return recorder
+
+
+def half_cpus() -> int | None:
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    n = len(os.sched_getaffinity(0))
+    return max(1, n // 2) if n > 1 else n
+
+
+def test_night_and_day_runs(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
+    caplog.set_level(logging.INFO, logger="lingmao")
+    rec = run_recorded(night_cfg(tmp_path / "n", small_corpus, "night.now=23:30"), monkeypatch)
+    assert {r["batch"] for r in rec.rows} == {4}
+    assert {r["lr_scale"] for r in rec.rows} == {0.75}
+    assert {r["threads"] for r in rec.rows} == {1}
+    assert {r["cpus"] for r in rec.rows} == {half_cpus()}
+    assert {r["accumulation"] for r in rec.rows} == {1}  # keep_effective_batch: false halves samples per step
+    assert "night mode on (23:30): batch 8->4, lr x0.75, threads 2->1" in caplog.text
+    assert torch.get_num_threads() == 2  # restored at the end of fit
+    metrics = list(csv.DictReader(open(next((tmp_path / "n").rglob("metrics.csv")))))
+    assert {float(m["night"]) for m in metrics if m.get("night")} == {1.0}
+
+    caplog.clear()
+    rec = run_recorded(night_cfg(tmp_path / "d", small_corpus, "night.now=12:00"), monkeypatch)
+    assert {(r["batch"], r["lr_scale"], r["threads"]) for r in rec.rows} == {(8, 1.0, 2)}
+    assert "night mode on" not in caplog.text
+    assert "clock 12:00: day" in caplog.text
+
+
+def test_flip_at_epoch_boundaries(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
+    """21:59 at epoch 0, 22:00 at epoch 1, 07:00 at epoch 2: night mode enters and leaves during the run."""
+    caplog.set_level(logging.INFO, logger="lingmao")
+    cfg = night_cfg(
+        tmp_path, small_corpus, "night.now=[21:59,22:00,07:00]", "++trainer.limit_train_batches=3",
+        "trainer.max_epochs=3", steps=100,
+    )
+    rec = run_recorded(cfg, monkeypatch)
+    assert rec.per_epoch("batch") == {0: {8}, 1: {4}, 2: {8}}
+    assert rec.per_epoch("lr_scale") == {0: {1.0}, 1: {0.75}, 2: {1.0}}
+    assert rec.per_epoch("threads") == {0: {2}, 1: {1}, 2: {2}}
+    day_cpus = rec.rows[0]["cpus"]
+    assert rec.per_epoch("cpus") == {0: {day_cpus}, 1: {half_cpus()}, 2: {day_cpus}}
+    assert "night mode on (22:00): batch 8->4, lr x0.75, threads 2->1" in caplog.text
+    assert "night mode off (07:00): batch 4->8, lr x1, threads 1->2" in caplog.text
+    metrics = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    night = {int(m["step"]): float(m["night"]) for m in metrics if m.get("night")}
+    assert [night[s] for s in sorted(night)] == [0.0] * 3 + [1.0] * 3 + [0.0] * 3
+
+
+def test_step_checks_move_only_the_limits(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
+    caplog.set_level(logging.INFO, logger="lingmao")
+    cfg = night_cfg(tmp_path, small_corpus, "night.now=[21:00,21:00,23:00]", "night.check_every_n_steps=2", steps=6)
+    rec = run_recorded(cfg, monkeypatch)
+    assert [(r["step"], r["threads"]) for r in rec.rows] == [(0, 2), (1, 2), (2, 2), (3, 2), (4, 1), (5, 1)]
+    assert {(r["batch"], r["lr_scale"]) for r in rec.rows} == {(8, 1.0)}  # these wait for the epoch boundary
+    assert "night mode limits on (23:00): threads 2->1" in caplog.text
+
+
+def test_limits_lifted_when_the_run_fails(small_corpus, tmp_path, monkeypatch, restore_threads):
+    class Boom(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                assert torch.get_num_threads() == 1  # night mode holds until the failure
+                raise RuntimeError("boom")
+
+    build = train_mod.build_callbacks
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda c, d: [*build(c, d), Boom()])
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    with pytest.raises(RuntimeError, match="boom"):
+        train_mod.train(night_cfg(tmp_path, small_corpus, "night.now=23:30"))
+    assert torch.get_num_threads() == 2
+    assert cpus is None or os.sched_getaffinity(0) == cpus
+
+
+def test_keep_effective_batch_doubles_accumulation(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
+    caplog.set_level(logging.INFO, logger="lingmao")
+    cfg = night_cfg(tmp_path, small_corpus, "night.now=23:30", "night.keep_effective_batch=true", steps=3)
+    rec = run_recorded(cfg, monkeypatch)
+    assert {(r["batch"], r["accumulation"]) for r in rec.rows} == {(4, 2)}
+    assert [r["step"] for r in rec.rows] == [0, 0, 1, 1, 2, 2]  # one optimizer step per two batches
+    assert "batch 8->4, accumulation 1->2, lr x0.75" in caplog.text
+    assert "samples/step 8->8" in caplog.text
+
+
+def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_path, monkeypatch, restore_threads):
+    common = ("run_name=resume", "checkpoint_every_n_steps=2")
+    rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=23:30", *common, steps=4), monkeypatch)
+    assert {r["lr_scale"] for r in rec.rows} == {0.75}
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["lr_schedulers"][0]["lr_lambdas"][0]["scale"] == 0.75  # the checkpoint carries the night's scale
+
+    rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=12:00", *common, steps=6), monkeypatch)
+    assert [r["step"] for r in rec.rows] == [4, 5]  # resumed
+    assert {(r["batch"], r["lr_scale"], r["threads"]) for r in rec.rows} == {(8, 1.0, 2)}
+
+    # night=off resumes a night checkpoint at the full learning rate too.
+    rec = run_recorded(night_cfg(tmp_path, small_corpus, "night=off", *common, steps=8), monkeypatch)
+    assert {(r["step"], r["lr_scale"]) for r in rec.rows} == {(6, 1.0), (7, 1.0)}
+
+
+def test_command_line(small_corpus, tmp_path):
+    """The command of the README: `night.now=23:30` logs the switch with halved batch, scaled lr, halved threads."""
+    train, test = small_corpus
+    args = [o for o in tiny_overrides(tmp_path, train, test, steps=4) if o != "night=off"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.train", *args, "night.now=23:30", "hardware.cpu_threads=2", "run_test=false",
+         "export=false"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "night mode on (23:30): batch 8->4, lr x0.75, threads 2->1" in proc.stdout + proc.stderr
