@@ -1,0 +1,211 @@
+"""Metrics, progress output, loggers and summary: the FLOP count by hand, and one short real run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lingmao import monitoring
+from lingmao.config import CONF_DIR
+from lingmao.errors import LingmaoError
+from lingmao.model import SimpleTransformer
+from lingmao.plot import read_metrics
+from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
+from tests.test_plot import assert_real_png
+
+TRAIN_COLUMNS = {"train/loss", "train/ppl", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec"}
+VAL_COLUMNS = {"val/loss", "val/ppl", "val/bpc"}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs, peak table
+# ----------------------------------------------------------------------------------------------
+def test_flops_per_token_matches_a_hand_count():
+    d, layers, ff, vocab, t = 64, 2, 256, 100, 32
+    # Forward, per token and layer: Q, K, V projections 3 * 2d^2, output projection 2d^2,
+    # scores QK^T 2Td, weighted sum AV 2Td, feed-forward 2 * 2df; then the head 2dV.
+    forward = layers * (3 * 2 * d * d + 2 * d * d + 2 * t * d + 2 * t * d + 2 * 2 * d * ff) + 2 * d * vocab
+    assert forward == 225_792
+    # Backward costs twice the forward (gradients for inputs and for weights).
+    assert monitoring.train_flops_per_token(d, layers, ff, vocab, t) == 3 * forward == 677_376
+
+
+def test_matmul_params_are_the_models_matrices():
+    model = SimpleTransformer(vocab_size=100, d_model=64, nhead=2, num_layers=2, dim_feedforward=256)
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embedding"))
+    # The head is tied to the embedding, so it is not a separate parameter, but it is a matmul.
+    assert monitoring.matmul_params(64, 2, 256, 100) == matrices + 64 * 100
+    assert monitoring.model_flops_per_token(model, 32) == 677_376
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA L4", 121.0),
+    ("Tesla T4", 65.0),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_table(name, peak):
+    assert monitoring.peak_tflops(name) == peak
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces
+# ----------------------------------------------------------------------------------------------
+def test_not_a_terminal_means_line_progress(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert not monitoring.is_terminal()
+    monitor = monitoring.TrainingMonitor()
+    (cb,) = monitoring.progress_callbacks({"progress_every_n_steps": 7}, monitor, enabled=True)
+    assert isinstance(cb, monitoring.LineProgress) and cb.every_n_steps == 7
+    assert monitoring.progress_callbacks({}, monitor, enabled=False) == []
+
+
+def test_terminal_bar_shows_loss_lr_speed_and_eta():
+    monitor = monitoring.TrainingMonitor()
+    monitor.latest.update({"loss": 3.21, "lr": 5e-4, "tokens_per_sec": 12345.6, "eta": 3725.0})
+    bar = monitoring.TerminalProgressBar(monitor)
+    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 3.5}, loggers=[])
+    assert bar.get_metrics(trainer, None) == {
+        "val/loss": 3.5, "loss": "3.210", "lr": "5.00e-04", "tok/s": "12,346", "eta": "1h02m05s"
+    }
+
+
+def test_csv_logger_appends_when_a_run_resumes(tmp_path):
+    first = monitoring.AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first.log_metrics({"train/loss": 3.0}, step=9)
+    first.save()
+    second = monitoring.AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    second.log_metrics({"train/loss": 2.0}, step=19)
+    second.log_metrics({"val/loss": 2.5}, step=19)  # a new column: the header is rewritten, rows kept
+    second.save()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("9", "3.0", ""), ("19", "2.0", ""), ("19", "", "2.5")
+    ]
+
+
+def test_tensorboard_is_optional():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(LingmaoError, match=r"pip install tensorboard"):
+            monitoring.build_loggers({"tensorboard": True}, Path("unused"))
+    else:
+        assert len(monitoring.build_loggers({"tensorboard": True}, Path("unused"))) == 2
+
+
+def test_logger_group_composes():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert compose("train").logger.tensorboard is False
+        cfg = compose("train", overrides=["logger=tensorboard"])
+    assert cfg.logger.tensorboard is True and cfg.logger.plots is True
+
+
+def test_config_tree_and_table():
+    cfg = OmegaConf.create({"model": {"d_model": 64, "nhead": 2}, "seed": 1, "paths": {"a": "x", "b": "${paths.a}/y"}})
+    assert monitoring.config_tree(cfg).splitlines() == [
+        "config", "├── model", "│   ├── d_model: 64", "│   └── nhead: 2", "├── seed: 1",
+        "└── paths", "    ├── a: x", "    └── b: x/y",
+    ]
+    table = monitoring.format_table([("steps", "10"), ("tokens seen", "1,000")], "run summary")
+    assert "tokens seen   1,000" in table
+
+
+# ----------------------------------------------------------------------------------------------
+# One short real run (and its resumption)
+# ----------------------------------------------------------------------------------------------
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lingmao.train", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("monitoring")
+    train = cut_corpus(SAMPLE / "train.jsonl", tmp / "train.jsonl", 400)
+    test = cut_corpus(SAMPLE / "test.jsonl", tmp / "test.jsonl", 60)
+    args = [
+        *tiny_overrides(tmp, train, test, steps=30), "run_name=mon", "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=true", "logger.progress_every_n_steps=10", "model_save_dir=null",
+    ]
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp / "outputs" / "runs" / "mon"
+    first_rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return proc, run_dir, first_rows, args
+
+
+def test_metrics_csv_has_every_column(short_run):
+    _, run_dir, rows, _ = short_run
+    columns = set(rows[0])
+    assert TRAIN_COLUMNS | VAL_COLUMNS <= columns, columns
+    train = [r for r in rows if r["train/loss"]]
+    assert [int(r["step"]) for r in train] == [4, 9, 14, 19, 24, 29]  # every log_every_n_steps
+    for r in train:
+        assert all(r[c] for c in TRAIN_COLUMNS), r
+        assert float(r["train/ppl"]) == pytest.approx(math.exp(float(r["train/loss"])), rel=1e-4)
+        assert float(r["tokens_per_sec"]) == pytest.approx(32 * float(r["samples_per_sec"]), rel=1e-6)
+        assert float(r["grad_norm"]) > 0 and 0 < float(r["lr"]) <= 1.0001e-3
+    val = [r for r in rows if r["val/loss"]]
+    assert len(val) == 3
+    for r in val:
+        # bits per character = nats per token / ln 2 * tokens per character (a character vocabulary:
+        # a little over one token per character, the <bos>/<eos> of each poem)
+        ratio = float(r["val/bpc"]) * math.log(2) / float(r["val/loss"])
+        assert 1.0 < ratio < 1.2
+        assert float(r["val/ppl"]) == pytest.approx(math.exp(float(r["val/loss"])), rel=1e-3)
+
+
+def test_plot_is_a_real_image(short_run):
+    _, run_dir, _, _ = short_run
+    assert_real_png(run_dir / "plots" / "training.png")
+
+
+def test_output_is_quiet_lines_config_tree_and_summary(short_run):
+    proc, run_dir, _, _ = short_run
+    out = proc.stdout + proc.stderr
+    assert "\r" not in out  # no progress-bar redraws in a log file
+    lines = out.splitlines()
+    assert len(lines) < 200
+    progress = [line for line in lines if "lingmao.progress" in line and "| epoch" in line]
+    assert [line.split(" - ")[1].split(" |")[0] for line in progress] == [
+        "step 10/30 (33%)", "step 20/30 (67%)", "step 30/30 (100%)"
+    ]
+    assert all("tok/s" in line and "loss" in line and "eta" in line for line in progress)
+    assert sum("validation at step" in line and "bpc" in line for line in lines) == 3
+    assert "├── model" in out and "│   ├── d_model: 32" in out
+    assert OmegaConf.load(run_dir / "config.yaml").model.d_model == 32
+    summary = out[out.index("run summary"):]
+    for row in ("steps             30", "tokens seen       7,680", "mean tokens/s", "best validation",
+                "checkpoint", "export", str(run_dir / "metrics.csv")):
+        assert row in summary, summary
+
+
+def test_resumed_run_appends_to_metrics_csv(short_run):
+    _, run_dir, first_rows, args = short_run
+    proc = run_train(*[a for a in args if not a.startswith("trainer.max_steps")], "trainer.max_steps=40")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert rows[: len(first_rows)] == first_rows  # the first session's rows are still there
+    steps = read_metrics(run_dir).series["train/loss"][0]
+    assert steps == [4, 9, 14, 19, 24, 29, 34, 39]
+    tokens = np.array(read_metrics(run_dir).series["tokens_per_sec"][1])
+    assert (tokens > 0).all()
+    assert "tokens seen       10,240" in proc.stdout + proc.stderr  # counted across both sessions
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 40
