@@ -1,0 +1,169 @@
+"""`python -m lingmao.evaluate model_dir=DIR data.test_file=FILE`: loss, perplexity and bits per character.
+
+The file is tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
+non-overlapping windows of the model's context length; the last, shorter window is scored too,
+so every token but the first `<bos>` is predicted exactly once.
+
+- loss: mean cross-entropy in nats per predicted token;
+- perplexity: exp(loss);
+- bits per character: total nats / ln 2 / characters of the documents' text. It does not depend on
+  how the text was tokenized, so models with different tokenizers can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from lingmao.errors import LingmaoError
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def evaluate_file(
+    lm: Any,
+    path: str | Path,
+    *,
+    context_length: int | None = None,
+    batch_size: int = 16,
+    text_key: str | None = None,
+    template: str | None = None,
+    convert: str | None = None,
+    on_bad_line: str = "error",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a JSONL file with a loaded model; returns the metrics as a dict (see the module doc)."""
+    from tqdm.auto import tqdm
+
+    from lingmao.data import TextSource, WindowDataset, load_or_tokenize
+
+    data_cfg = (lm.config or {}).get("data") or {}
+    model = lm.model
+    ctx = int(context_length or data_cfg.get("context_length") or 0)
+    if not ctx:
+        ctx = model.max_len
+        log.warning("the model's context length is unknown; using its positional table size %d", ctx)
+    if ctx > model.max_len:
+        raise LingmaoError(f"data.context_length: {ctx} is longer than the model accepts ({model.max_len})")
+    if batch_size < 1:
+        raise LingmaoError(f"batch_size: {batch_size} must be >= 1")
+    source = TextSource(
+        text_key or data_cfg.get("text_key") or "text",
+        template if template is not None else data_cfg.get("template"),
+        convert or data_cfg.get("convert") or "none",
+        on_bad_line,
+    )
+    path = Path(path)
+    started = time.perf_counter()
+    data = load_or_tokenize(path, lm.tokenizer, source, cache_dir=None)
+    characters = sum(len(text) for text in source.texts(path))
+    tokens = np.asarray(data.tokens, dtype=np.int64)
+    full = WindowDataset(data, ctx, stride=ctx, packing=True)
+    rest = len(tokens) - len(full) * ctx  # tokens from the start of the last, shorter window
+    tail = None
+    if rest >= 2:
+        x = torch.zeros(ctx, dtype=torch.long)
+        y = torch.full((ctx,), IGNORE, dtype=torch.long)
+        x[: rest - 1] = torch.from_numpy(tokens[len(full) * ctx : -1])
+        y[: rest - 1] = torch.from_numpy(tokens[len(full) * ctx + 1 :])
+        tail = (x, y)
+    windows = len(full) + (tail is not None)
+    if windows == 0:
+        raise LingmaoError(f"{path}: too little text to score (fewer than 2 tokens)")
+
+    def batches():
+        for s in range(0, len(full), batch_size):
+            pairs = [full[i] for i in range(s, min(s + batch_size, len(full)))]
+            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        if tail is not None:
+            yield tail[0].unsqueeze(0), tail[1].unsqueeze(0)
+
+    device = next(model.parameters()).device
+    total_nats, predicted = 0.0, 0
+    bar = tqdm(total=windows, desc=f"scoring {path.name}", unit="window", disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for x, y in batches():
+            x, y = x.to(device), y.to(device)
+            logits = model(x).float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
+                                   reduction="sum")
+            total_nats += float(loss)
+            predicted += int((y != IGNORE).sum())
+            bar.update(x.size(0))
+    bar.close()
+    loss = total_nats / predicted
+    return {
+        "test_file": str(path),
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_character": total_nats / math.log(2) / max(characters, 1),
+        "bits_per_token": loss / math.log(2),
+        "total_nats": total_nats,
+        "documents": int(data.num_documents),
+        "tokens": int(len(tokens)),
+        "predicted_tokens": predicted,
+        "characters": characters,
+        "windows": windows,
+        "context_length": ctx,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def default_output(cfg: DictConfig) -> Path:
+    name = Path(cfg.model_dir).name if cfg.get("model_dir") else Path(cfg.ckpt).stem
+    stem = Path(cfg.data.test_file).name.split(".")[0]
+    return Path("outputs") / "eval" / f"{name}_{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from lingmao.generate import load_for_inference
+    from lingmao.io import atomic_write_bytes
+
+    if not cfg.data.get("test_file"):
+        raise LingmaoError("data.test_file=FILE is required (a JSONL or JSONL.gz file to score)")
+    lm = load_for_inference(cfg)
+    results = evaluate_file(
+        lm, cfg.data.test_file, context_length=cfg.data.context_length, batch_size=int(cfg.batch_size),
+        text_key=cfg.data.text_key, template=cfg.data.template, convert=cfg.data.convert,
+        on_bad_line=cfg.data.on_bad_line,
+    )
+    results["model"] = str(cfg.model_dir or cfg.ckpt)
+    output = Path(cfg.output) if cfg.get("output") else default_output(cfg)
+    atomic_write_bytes(output, json.dumps(results, ensure_ascii=False, indent=2).encode("utf-8"))
+    print(
+        f"{results['test_file']}: loss {results['loss']:.4f} nats/token, perplexity {results['perplexity']:.2f}, "
+        f"{results['bits_per_character']:.4f} bits/character ({results['predicted_tokens']} tokens, "
+        f"{results['characters']} characters, {results['windows']} windows) -> {output}"
+    )
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+    try:
+        run(cfg)
+    except LingmaoError as exc:
+        if cfg.get("debug"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    from lingmao.generate import quote_unicode_overrides
+
+    sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
+    main()

@@ -1,0 +1,244 @@
+"""Autoregressive sampling: temperature, top-k, top-p, repetition penalty, constrained verse forms.
+
+There is no KV cache: each step runs the model again on the last `context_length` tokens (the
+left is cropped), which is simple and cheap enough for poems of a few dozen characters. All
+samples of one call run as one batch; they share the prompt, so no padding is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lingmao.data import make_converter
+from lingmao.errors import LingmaoError
+from lingmao.forms import FormConstraint, normalize_form, vocab_tables
+from lingmao.tokenizer import special_ids
+
+log = logging.getLogger(__name__)
+
+StepMask = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) -> cuda, else mps, else cpu; an explicit device must exist on this machine."""
+    from lingmao.hardware import available_accelerators
+
+    if isinstance(device, torch.device):
+        return device
+    name = str(device or "auto")
+    have = available_accelerators()
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in have else "mps" if "mps" in have else "cpu")
+    kind = name.split(":", 1)[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise LingmaoError(f"device: '{name}' is not one of auto, cpu, cuda, mps")
+    if kind not in have:
+        raise LingmaoError(f"device={name}: not available on this machine (available: {', '.join(have)})")
+    return torch.device(name)
+
+
+def check_options(
+    temperature: float, top_k: int | None, top_p: float, repetition_penalty: float, max_new_tokens: int,
+    num_samples: int,
+) -> None:
+    """Bad sampling options are user errors (one line), not tracebacks from inside torch."""
+    if temperature is None or temperature < 0:
+        raise LingmaoError(f"temperature: {temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise LingmaoError(f"top_k: {top_k} must be >= 0 (0 = off)")
+    if top_p is None or not 0 < top_p <= 1:
+        raise LingmaoError(f"top_p: {top_p} must be in (0, 1] (1 = off)")
+    if repetition_penalty is None or repetition_penalty <= 0:
+        raise LingmaoError(f"repetition_penalty: {repetition_penalty} must be > 0 (1 = off)")
+    if max_new_tokens is None or max_new_tokens < 0:
+        raise LingmaoError(f"max_new_tokens: {max_new_tokens} must be >= 0")
+    if num_samples is None or num_samples < 1:
+        raise LingmaoError(f"num_samples: {num_samples} must be >= 1")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Keep the `top_k` best tokens and the smallest set whose probability reaches `top_p` (-inf elsewhere)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked before it already reach top_p (the best one always stays).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def penalize_repetition(
+    logits: torch.Tensor, seq: torch.Tensor, penalty: float, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in `seq`: positive logits divided, negative multiplied.
+
+    `eligible` (bool [V]) limits it to some tokens: poems repeat punctuation and newlines by design.
+    """
+    if penalty == 1.0:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seq, True)
+    if eligible is not None:
+        seen &= eligible
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+@torch.inference_mode()
+def sample_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    *,
+    eos_id: int,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    penalty_tokens: torch.Tensor | None = None,
+    banned: list[int] | None = None,
+    step_mask: StepMask | None = None,
+    context_length: int | None = None,
+    seed: int | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Sample `num_samples` continuations of `prompt_ids` in one batch; each stops at `eos_id`.
+
+    `step_mask(step, generated[B, step]) -> bool[B, V]` restricts each step to the allowed tokens
+    (constrained decoding); `banned` tokens are never sampled. `on_step(tokens[B], active[B])` sees
+    each step's tokens (for streaming). Returns the new token ids of each sample, without `<eos>`.
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids must hold at least <bos>")
+    device = next(model.parameters()).device
+    window = min(context_length or model.max_len, model.max_len)
+    seq = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    start = seq.size(1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+    active = torch.ones(num_samples, dtype=torch.bool, device=device)
+    ban = None
+    if banned:
+        ban = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)
+        ban[torch.tensor(banned, device=device)] = True
+    eligible = penalty_tokens.to(device) if penalty_tokens is not None else None
+    for step in range(max_new_tokens):
+        logits = model(seq[:, -window:])[:, -1, :].float()
+        logits = penalize_repetition(logits, seq, repetition_penalty, eligible)
+        if ban is not None:
+            logits = logits.masked_fill(ban, float("-inf"))
+        if step_mask is not None:
+            logits = logits.masked_fill(~step_mask(step, seq[:, start:]), float("-inf"))
+        if temperature == 0:
+            next_ids = torch.argmax(logits, dim=-1)
+        else:
+            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        next_ids = torch.where(active, next_ids, torch.full_like(next_ids, eos_id))
+        seq = torch.cat([seq, next_ids.unsqueeze(1)], dim=1)
+        if on_step is not None:
+            on_step(next_ids, active)
+        active &= next_ids != eos_id
+        if not bool(active.any()):
+            break
+    out = []
+    for row in seq[:, start:].tolist():
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return out
+
+
+def generate(
+    lm: Any,
+    prompt: str = "",
+    *,
+    form: str | None = None,
+    acrostic: str | None = None,
+    rhyme: bool = False,
+    title: str | None = None,
+    temperature: float = 0.8,
+    top_k: int | None = 0,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
+    max_new_tokens: int = 200,
+    num_samples: int = 1,
+    seed: int | None = None,
+    convert: str | None = None,
+    context_length: int | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Generate text with a loaded model (`lingmao.load_model(dir)`); see `LingmaoModel.generate`.
+
+    Each result is the prompt followed by what was generated (for a form: the whole poem). The title
+    is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1).
+    """
+    check_options(temperature, top_k, top_p, repetition_penalty, max_new_tokens, num_samples)
+    tok, model, config = lm.tokenizer, lm.model, lm.config or {}
+    data_cfg = config.get("data") or {}
+    convert = convert if convert is not None else (data_cfg.get("convert") or "none")
+    converter = make_converter(convert) or (lambda s: s)
+    prompt = converter(prompt or "")
+    acrostic = converter(acrostic or "")
+    form = normalize_form(form)
+    if (acrostic or rhyme) and form is None:
+        raise LingmaoError(
+            f"{'acrostic' if acrostic else 'rhyme'} needs a verse form: form=wujue, qijue, wulv or qilv"
+        )
+    ids = special_ids(tok)
+    prefix = [ids["bos"]] + _title_prefix(tok, title, data_cfg.get("template"), converter)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
+    unknown = sorted({ch for ch, i in zip(prompt, prompt_ids, strict=False) if i == ids["unk"]})
+    if unknown:
+        log.warning("prompt: %s not in the model's vocabulary (read as <unk>)", " ".join(unknown))
+
+    constraint = None
+    steps = max_new_tokens
+    if form is not None:
+        constraint = FormConstraint(tok, form, prompt, acrostic, rhyme)
+        steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
+    eligible = vocab_tables(tok).han
+    pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
+
+    on_step = None
+    if stream is not None and num_samples == 1:
+        def on_step(tokens: torch.Tensor, active: torch.Tensor) -> None:
+            t = int(tokens[0])
+            if bool(active[0]) and t != ids["eos"]:
+                stream(pieces[t])
+
+    rows = sample_ids(
+        model, prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        penalty_tokens=eligible, banned=[ids["pad"], ids["unk"], ids["bos"]],
+        step_mask=constraint.mask if constraint is not None else None,
+        context_length=context_length or data_cfg.get("context_length"), seed=seed, on_step=on_step,
+    )
+    return [prompt + "".join(pieces[i] for i in row) for row in rows]
+
+
+def _title_prefix(tok: Any, title: str | None, template: str | None, converter: Callable[[str], str]) -> list[int]:
+    """Token ids of the part of the training template before `{text}`, filled with the title."""
+    if not title:
+        return []
+    if not template or "{title}" not in template:
+        log.warning("title: the model was not trained with titles (its data.template has no {title}); ignored")
+        return []
+    head = template.split("{text}", 1)[0]
+
+    class _Fields(dict):
+        def __missing__(self, key: str) -> str:
+            log.warning("title: the model's template field {%s} is left empty", key)
+            return ""
+
+    try:
+        text = head.format_map(_Fields(title=converter(title)))
+    except (ValueError, IndexError) as exc:
+        raise LingmaoError(f"data.template '{template}' of the model cannot be filled ({exc})") from None
+    return tok.encode(text, add_special_tokens=False).ids
