@@ -1,0 +1,326 @@
+"""Bad inputs and bad configs: each fails early with one line naming the file/line/key, and loses nothing.
+
+Most rows run in-process (compose + `train`, or the loader itself); a few run the real entry point
+as subprocesses, started together, for the exit code and the one-line output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+from lingmao.config import CONF_DIR
+from lingmao.data import ReadReport, iter_documents
+from lingmao.errors import LingmaoError
+from lingmao.export import load_model
+from lingmao.hardware import available_accelerators
+from lingmao.schema import SCHEMA, describe_hydra_error, validate_config, yaml_defaults
+from lingmao.tokenizer import load_tokenizer
+from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# A workspace with things that must survive: a previous run's checkpoints, an export, a cache file
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Workspace:
+    root: Path
+    train: Path
+    test: Path
+    export: Path
+    protected: dict[Path, str] = field(default_factory=dict)
+
+    def overrides(self, *extra: str) -> list[str]:
+        base = tiny_overrides(self.root, self.train, self.test)
+        return [*base, "run_name=t", f"model_save_dir={self.export}", *extra]
+
+    def write(self, name: str, data: bytes | str) -> Path:
+        path = self.root / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+    def folder(self, name: str) -> Path:
+        """A folder of the user's, not an export: an export must never replace it."""
+        (self.root / name).mkdir()
+        (self.root / name / "notes.txt").write_text("the user's own file")
+        return self.root / name
+
+    def snapshot(self) -> None:
+        self.protected = {p: _digest(p) for p in self.root.rglob("*") if p.is_file()}
+
+    def assert_untouched(self) -> None:
+        changed = [str(p) for p, h in self.protected.items() if not p.is_file() or _digest(p) != h]
+        assert not changed, f"changed or deleted: {changed}"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    train = cut_corpus(SAMPLE / "train.jsonl", tmp_path / "train.jsonl", 150)
+    test = cut_corpus(SAMPLE / "test.jsonl", tmp_path / "test.jsonl", 30)
+    ckpts = tmp_path / "outputs" / "runs" / "t" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"the previous run's last checkpoint")
+    (ckpts / "epoch000.ckpt").write_bytes(b"an epoch checkpoint")
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (export / name).write_bytes(f"previous export: {name}".encode())
+    cache = tmp_path / "outputs" / "cache" / "tokens"
+    cache.mkdir(parents=True)
+    (cache / "old.jsonl.0123.tokens.npy").write_bytes(b"a cache file of another run")
+    w = Workspace(tmp_path, train, test, export)
+    return w
+
+
+def _missing_accelerator() -> str | None:
+    have = available_accelerators()
+    return next((a for a in ("cuda", "mps") if a not in have), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table: (id, make the overrides from a workspace, substrings the message must hold)
+# ----------------------------------------------------------------------------------------------
+LINE_A, LINE_B = '{"text": "甲"}\n', '{"text": "乙"}\n'
+NOT_UTF8 = '{"text": "床前明月光"}\n'.encode() + '{"text": "疑是地上霜"}\n'.encode("gb18030")
+
+
+def with_file(name: str, content: str | bytes, key: str = "data.train_file", *extra: str):
+    """A row's overrides: write `content` to `name` in the workspace and point `key` at it."""
+    return lambda w: w.overrides(f"{key}={w.write(name, content)}", *extra)
+
+
+Row = tuple[str, Callable[[Workspace], list[str]], list[str]]
+ROWS: list[Row] = [
+    # --- config: unknown keys, types, ranges, cross-field rules
+    ("typo-key", lambda w: w.overrides("+optim.lr_rate=1"), ["optim.lr_rate", "unknown key", "did you mean optim.lr"]),
+    ("typo-top", lambda w: w.overrides("+sed=1"), ["sed: unknown key", "did you mean seed"]),
+    ("type-lr", lambda w: w.overrides("optim.lr=fast"), ["optim.lr='fast'", "a number > 0"]),
+    ("type-bool", lambda w: w.overrides("export=maybe"), ["export='maybe'", "true or false"]),
+    ("nhead", lambda w: w.overrides("model.nhead=3"), ["model.d_model=32", "model.nhead=3", "allowed nhead"]),
+    ("context>max_len", lambda w: w.overrides("model.max_len=16"), ["data.context_length=32", "model.max_len=16"]),
+    ("stride", lambda w: w.overrides("data.stride=0"), ["data.stride=0", "integer >= 1"]),
+    ("batch", lambda w: w.overrides("data.batch_size=0"), ["data.batch_size=0", ">= 1"]),
+    ("dropout", lambda w: w.overrides("model.dropout=1.0"), ["model.dropout=1.0", "[0, 1)"]),
+    ("warmup", lambda w: w.overrides("optim.warmup_steps=-5"), ["optim.warmup_steps=-5", ">= 0"]),
+    ("gpu-fraction", lambda w: w.overrides("hardware.gpu_memory_fraction=1.5"),
+     ["hardware.gpu_memory_fraction", "(0, 1]"]),
+    ("night-time", lambda w: w.overrides("night.start=25:00"), ["night.start", "25:00"]),
+    ("choice", lambda w: w.overrides("data.on_bad_line=ignore"), ["data.on_bad_line='ignore'", "error, skip"]),
+    ("accelerator", lambda w: w.overrides("hardware.accelerator=tpu"), ["hardware.accelerator='tpu'", "cpu, cuda"]),
+    ("trainer-owned", lambda w: w.overrides("+trainer.precision=16"), ["trainer.precision", "hardware.precision"]),
+    ("missing-train", lambda w: [o for o in w.overrides() if not o.startswith("data.train_file")],
+     ["data.train_file: a value is required"]),
+    ("template", lambda w: w.overrides("data.template='{0}'"), ["data.template", "named fields"]),
+    ("betas", lambda w: w.overrides("optim.betas=[0.9]"), ["optim.betas", "two numbers"]),
+    # --- files the config names, checked before anything is read
+    ("no-file", lambda w: w.overrides(f"data.train_file={w.root / 'nope.jsonl'}"), ["nope.jsonl: file not found"]),
+    ("directory", lambda w: w.overrides(f"data.train_file={w.root}"), ["data.train_file", "is a directory"]),
+    ("empty-file", lambda w: w.overrides(f"data.train_file={w.write('empty.jsonl', b'')}"), ["empty.jsonl", "empty"]),
+    ("not-a-checkpoint", lambda w: w.overrides(f"resume_from={w.train}"),
+     ["resume_from", "train.jsonl", "not a checkpoint"]),
+    ("export-over-folder", lambda w: w.overrides(f"model_save_dir={w.folder('mine')}"),
+     ["model_save_dir", "not a lingmao export"]),
+    ("export-over-outputs", lambda w: w.overrides(f"model_save_dir={w.root}"),
+     ["model_save_dir", "holds paths.output_dir"]),
+    ("export-over-cwd", lambda w: w.overrides("model_save_dir=."), ["model_save_dir: . holds the current directory"]),
+    # --- data: file:line: what
+    ("bad-json", with_file("b.jsonl", LINE_A + LINE_B + "{oops\n"), ["b.jsonl:3:", "invalid JSON", "on_bad_line=skip"]),
+    ("key-missing", with_file("k.jsonl", LINE_A + '{"body": "乙"}\n'), ["k.jsonl:2:", "key 'text' is missing", "body"]),
+    ("not-string", with_file("n.jsonl", LINE_A + '{"text": 7}\n'), ["n.jsonl:2:", "not a string"]),
+    ("not-utf8", with_file("g.jsonl", NOT_UTF8), ["g.jsonl:2:", "not UTF-8"]),
+    ("truncated-gz", lambda w: w.overrides(
+        f"data.train_file={w.write('t.jsonl.gz', gzip.compress(w.train.read_bytes())[:-200])}"),
+     ["t.jsonl.gz", "damaged gzip"]),
+    ("bad-test-file", with_file("bt.jsonl", LINE_A + "[1, 2]\n", "data.test_file"), ["bt.jsonl:2:", "JSON object"]),
+    ("zero-windows", with_file("short.jsonl", '{"text": "床前明月光"}\n', "data.train_file", "data.context_length=900"),
+     ["short.jsonl", "no window", "1 documents", "7 tokens", "context_length"]),
+    ("bad-tokenizer", lambda w: w.overrides(f"data.tokenizer_path={w.write('tok.json', '{not json')}"),
+     ["tok.json", "not a valid tokenizer.json"]),
+]
+
+
+@pytest.fixture(scope="module")
+def conf():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+@pytest.mark.parametrize("make, expected", [pytest.param(m, e, id=i) for i, m, e in ROWS])
+def test_bad_input_fails_early_with_one_line(conf, ws: Workspace, make, expected) -> None:
+    from lingmao.train import train
+
+    cfg = compose("train", overrides=make(ws))
+    ws.snapshot()
+    with pytest.raises(LingmaoError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+    ws.assert_untouched()
+
+
+def test_accelerator_that_is_not_here(conf, ws: Workspace) -> None:
+    missing = _missing_accelerator()
+    if missing is None:
+        pytest.skip("this machine has both CUDA and MPS")
+    with pytest.raises(LingmaoError, match=f"hardware={missing}: .* not available"):
+        validate_config(compose("train", overrides=ws.overrides(f"hardware={missing}")))
+
+
+def test_too_few_windows_for_a_batch(conf, ws: Workspace) -> None:
+    """Fails inside fit (the loaders are built there) and still leaves the previous run alone."""
+    from lingmao.train import train
+
+    cfg = compose("train", overrides=ws.overrides("data.batch_size=4000", "auto_resume=false"))
+    ws.snapshot()
+    with pytest.raises(LingmaoError, match=r"train.jsonl: only \d+ training windows, fewer than data.batch_size"):
+        train(cfg)
+    ws.assert_untouched()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optim.lr_rate=1"], "optim.lr_rate: unknown key (did you mean optim.lr?); optim keys: "),
+        (["model=tinyy"], "model=tinyy: no such option (did you mean model=tiny?); available: base"),
+        (["optim.lr=(("], "override 'optim.lr=((' does not parse: "),
+    ],
+)
+def test_hydra_composition_errors_become_one_line(conf, overrides: list[str], expected: str) -> None:
+    with pytest.raises(HydraException) as info:
+        compose("train", overrides=overrides)
+    message = describe_hydra_error(info.value)
+    assert message is not None and "\n" not in message and expected in message
+
+
+def test_the_default_configs_are_valid(conf) -> None:
+    for overrides in ([], ["model=base", "hardware=cpu"], ["model=large", "hardware=cpu", "night=off"]):
+        validate_config(compose("train", overrides=overrides))
+
+
+def test_the_schema_covers_every_shipped_yaml_key() -> None:
+    """Allowed keys come from conf/ plus the schema; this keeps the schema (types, ranges) complete."""
+    missing = [
+        f"{group}.{key}" for group, keys in yaml_defaults().items() if group in SCHEMA for key in keys
+        if key not in SCHEMA[group]
+    ]
+    assert not missing, f"add these keys to lingmao/schema.py SCHEMA with their type and range: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------
+# What works instead of failing: BOM, Windows line endings; skip mode counts and shows locations
+# ----------------------------------------------------------------------------------------------
+def test_bom_and_crlf_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"text": "甲\\r\\n乙"}\r\n\r\n{"text": "丙"}\r\n'.encode())
+    assert list(iter_documents(path)) == ["甲\n乙", "丙"]
+
+
+def test_skip_counts_and_shows_the_first_locations(tmp_path: Path) -> None:
+    lines = ['{"text": "好"}'] + ["{bad"] * 7 + ['{"text": "詩"}']
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    report = ReadReport()
+    assert list(iter_documents(path, on_bad_line="skip", report=report)) == ["好", "詩"]
+    assert report.skipped == 7 and report.documents == 2
+    assert report.first_skipped[0].startswith(f"{path}:2: invalid JSON") and len(report.first_skipped) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and export files: one clear line each
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content, expected",
+    [(b"", "not a valid tokenizer.json"), (b"{}", "not a valid tokenizer.json"), (b"\x00\xff", "not a valid")],
+)
+def test_corrupt_tokenizer(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(LingmaoError, match=expected) as info:
+        load_tokenizer(path)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_export(tmp_path: Path) -> None:
+    from lingmao.tokenizer import save_tokenizer, train_tokenizer
+
+    export = tmp_path / "export"
+    export.mkdir()
+    tok = train_tokenizer(["床前明月光"])
+    save_tokenizer(tok, export / "tokenizer.json")
+    config = {"vocab_size": tok.get_vocab_size(), "model": {"d_model": 8, "nhead": 2, "num_layers": 1}}
+    (export / "config.json").write_text(json.dumps(config))
+    (export / "model.safetensors").write_bytes(b"not weights")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    with pytest.raises(LingmaoError, match="model.safetensors: cannot load the weights"):
+        load_model(export)
+    (export / "config.json").write_text(json.dumps({**config, "model": {"d_model": 8, "nhead": 3}}))
+    with pytest.raises(LingmaoError, match="config.json: damaged model config"):
+        load_model(export)
+    with pytest.raises(LingmaoError, match="not an exported lingmao model"):
+        load_model(tmp_path)
+    assert (export / "model.safetensors").read_bytes() == before["model.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The real entry point: exit code 2, one line, no traceback; started together to share the import time
+# ----------------------------------------------------------------------------------------------
+CLI_CASES = {
+    "hydra-typo": (["optim.lr_rate=1"], 2, "error: optim.lr_rate: unknown key"),
+    "data-line": (["data.train_file={bad}"], 2, "bad.jsonl:2: invalid JSON"),
+    "debug": (["data.train_file={bad}", "debug=true"], 1, "Traceback"),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory) -> dict[str, tuple[int, str, Workspace]]:
+    results = {}
+    procs = {}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    for name, (extra, _, _) in CLI_CASES.items():
+        root = tmp_path_factory.mktemp(name)
+        w = Workspace(root, cut_corpus(SAMPLE / "train.jsonl", root / "train.jsonl", 50),
+                      cut_corpus(SAMPLE / "test.jsonl", root / "test.jsonl", 20), root / "export")
+        bad = w.write("bad.jsonl", '{"text": "甲"}\n{"text": 乙}\n')
+        (root / "outputs" / "runs" / "t" / "checkpoints").mkdir(parents=True)
+        (root / "outputs" / "runs" / "t" / "checkpoints" / "last.ckpt").write_bytes(b"keep me")
+        w.snapshot()
+        args = [*w.overrides(), *(e.format(bad=bad) for e in extra)]
+        procs[name] = (w, subprocess.Popen(
+            [sys.executable, "-m", "lingmao.train", *args], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    for name, (w, proc) in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out + err, w)
+    return results
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_entry_point_exit_code_and_message(cli_results, name: str) -> None:
+    code, output, w = cli_results[name]
+    _, expected_code, expected = CLI_CASES[name]
+    assert code == expected_code, output[-2000:]
+    assert expected in output
+    if expected_code == 2:
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in output, output[-2000:]
+    w.assert_untouched()
