@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from lingmao.errors import LingmaoError
-from lingmao.io import atomic_write
+from lingmao.io import atomic_write, atomic_write_bytes
 from lingmao.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def _open_lines(path: Path) -> Iterator[bytes]:
         raise LingmaoError(f"{path}: permission denied") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise LingmaoError(f"{path}: damaged gzip file ({exc}); re-create or re-download it") from None
+    except OSError as exc:
+        raise LingmaoError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ReadReport:
 
     documents: int = 0
     skipped: int = 0
+    bytes_read: int = 0
     first_skipped: list[str] | None = None
 
 
@@ -99,7 +103,7 @@ def iter_documents(
         raise LingmaoError(f"data.on_bad_line: '{on_bad_line}' is not one of error, skip")
 
     def bad(lineno: int, what: str) -> None:
-        where = f"{path}:{lineno}: {what}"
+        where = f"{path}:{lineno}: " + what.replace("\r", "\\r").replace("\n", "\\n")  # one line, always
         if on_bad_line == "error":
             raise LingmaoError(f"{where} (set data.on_bad_line=skip to skip such lines)")
         report.skipped += 1
@@ -107,12 +111,13 @@ def iter_documents(
             report.first_skipped.append(where)
 
     for lineno, raw in enumerate(_open_lines(path), start=1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        report.bytes_read += len(raw)
+        if raw.startswith(b"\xef\xbb\xbf"):  # a BOM: at the start of the file, or of files joined with cat
             raw = raw[3:]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            bad(lineno, f"not UTF-8 (byte {exc.start}); convert the file to UTF-8")
+            bad(lineno, f"not UTF-8 (byte {exc.start}); convert the file, e.g. iconv -f GB18030 -t UTF-8")
             continue
         if not line.strip():
             continue
@@ -120,6 +125,9 @@ def iter_documents(
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             bad(lineno, f"invalid JSON ({exc.msg}, column {exc.colno})")
+            continue
+        except (ValueError, RecursionError) as exc:  # a number too long, nesting too deep
+            bad(lineno, f"invalid JSON ({str(exc).split(';')[0]})")
             continue
         if not isinstance(record, dict):
             bad(lineno, f"expected a JSON object with a '{text_key}' field, got {type(record).__name__}")
@@ -130,6 +138,9 @@ def iter_documents(
             except KeyError as exc:
                 bad(lineno, f"key {exc} of data.template '{template}' is missing")
                 continue
+            except (IndexError, ValueError, AttributeError, TypeError) as exc:
+                bad(lineno, f"data.template '{template}' does not apply to this line ({exc})")
+                continue
         else:
             if text_key not in record:
                 bad(lineno, f"key '{text_key}' is missing (data.text_key; keys here: {', '.join(list(record)[:8])})")
@@ -138,8 +149,19 @@ def iter_documents(
             if not isinstance(text, str):
                 bad(lineno, f"key '{text_key}' is a {type(text).__name__}, not a string")
                 continue
+        if "\\u" in line and not _encodable(text):
+            bad(lineno, "the text holds an unpaired surrogate escape (\\ud800-\\udfff), which is not a character")
+            continue
         report.documents += 1
         yield text.replace("\r\n", "\n")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +173,7 @@ class TokenFile:
 
     tokens: np.ndarray
     doc_offsets: np.ndarray
+    num_chars: int | None = None  # characters of the tokenized text (for bits per character)
 
     @property
     def num_documents(self) -> int:
@@ -198,8 +221,14 @@ def tokenize_file(path: Path, tok: Tokenizer, source: TextSource, chunk_docs: in
     lengths: list[np.ndarray] = []
     batch: list[str] = []
     started = time.perf_counter()
+    # A bar in MB/s on a terminal (tqdm turns itself off when stderr is not one); sizes of .gz are uncompressed.
+    progress = tqdm(
+        total=path.stat().st_size if path.is_file() and path.suffix != ".gz" else None, unit="B", unit_scale=True,
+        desc=f"tokenizing {path.name}", disable=None, leave=False, mininterval=0.5,
+    )
 
     def flush() -> None:
+        progress.update(report.bytes_read - progress.n)
         encs = tok.encode_batch(batch)
         lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
         flat = np.fromiter((i for e in encs for i in e.ids), dtype=dtype, count=int(lens.sum()))
@@ -207,12 +236,15 @@ def tokenize_file(path: Path, tok: Tokenizer, source: TextSource, chunk_docs: in
         lengths.append(lens)
         batch.clear()
 
+    num_chars = 0
     for text in source.texts(path, report):
         batch.append(text)
+        num_chars += len(text)
         if len(batch) >= chunk_docs:
             flush()
     if batch:
         flush()
+    progress.close()
     _report_skipped(path, report)
     if report.documents == 0:
         raise LingmaoError(f"{path}: no documents (the file is empty or every line was skipped)")
@@ -224,7 +256,7 @@ def tokenize_file(path: Path, tok: Tokenizer, source: TextSource, chunk_docs: in
         "tokenized %s: %d documents, %d tokens in %.1f s (%.1f MB/s)",
         path, report.documents, len(tokens), seconds, path.stat().st_size / 1e6 / max(seconds, 1e-9),
     )
-    return TokenFile(tokens, offsets)
+    return TokenFile(tokens, offsets, num_chars)
 
 
 def _report_skipped(path: Path, report: ReadReport) -> None:
@@ -250,15 +282,27 @@ def load_or_tokenize(path: str | Path, tok: Tokenizer, source: TextSource, cache
             offsets = np.load(offsets_path, mmap_mode="r")
             if offsets[-1] == len(tokens):
                 log.info("token cache hit for %s: %s (%d tokens)", path, tokens_path, len(tokens))
-                return TokenFile(tokens, offsets)
+                return TokenFile(tokens, offsets, _cached_char_count(stem, path, source))
         except (ValueError, OSError):
             pass
         log.warning("token cache for %s is unreadable; tokenizing again", path)
     tf = tokenize_file(path, tok, source)
     # Tokens first, offsets last: offsets present means the pair is complete (both writes are atomic).
+    atomic_write_bytes(Path(f"{stem}.chars"), str(tf.num_chars).encode())
     atomic_write(tokens_path, lambda f: np.save(f, tf.tokens))
     atomic_write(offsets_path, lambda f: np.save(f, tf.doc_offsets))
-    return TokenFile(np.load(tokens_path, mmap_mode="r"), np.load(offsets_path, mmap_mode="r"))
+    return TokenFile(np.load(tokens_path, mmap_mode="r"), np.load(offsets_path, mmap_mode="r"), tf.num_chars)
+
+
+def _cached_char_count(stem: Path, path: Path, source: TextSource) -> int:
+    """Characters behind a token cache (for bits per character); counted once for caches made without it."""
+    chars_path = Path(f"{stem}.chars")
+    try:
+        return int(chars_path.read_text())
+    except (OSError, ValueError):
+        count = sum(len(text) for text in source.texts(path))
+        atomic_write_bytes(chars_path, str(count).encode())
+        return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +320,7 @@ class WindowDataset(Dataset):
         if context_length < 1 or stride < 1:
             raise ValueError("context_length and stride must be >= 1")
         self.tokens = data.tokens
+        self.num_chars = data.num_chars
         self.span = context_length + 1
         self.context_length = context_length
         self.stride = stride
@@ -316,7 +361,10 @@ class WindowDataset(Dataset):
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on (seed, epoch): the same run sees the same order.
 
-    Lightning calls `set_epoch` at every epoch start.
+    Lightning calls `set_epoch` at every epoch start. Under torch.distributed each rank takes every
+    world_size-th index of the permutation (read at iteration time, so the sampler can be built
+    before the process group exists; the trainer then needs `use_distributed_sampler=False`).
+    `resume_at(epoch, skip)` makes the next iteration start `skip` indices into that epoch's order.
     """
 
     def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -324,19 +372,81 @@ class EpochShuffleSampler(Sampler[int]):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self._resume = (epoch, skip)
+
+    @staticmethod
+    def _rank_and_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return self.length
+        return self.length // self._rank_and_world()[1]
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for `epoch`."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            indices = torch.randperm(self.length, generator=g).tolist()
+        else:
+            indices = list(range(self.length))
+        rank, world = self._rank_and_world()
+        return indices[rank : len(self) * world : world]
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.length))
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
+        skip = 0
+        if self._resume is not None:
+            (self.epoch, skip), self._resume = self._resume, None
+        return iter(self.order(self.epoch)[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an `EpochShuffleSampler` that knows its place in the epoch.
+
+    Lightning stores `state_dict()` of a train loader that has one in every checkpoint and calls
+    `load_state_dict()` on resume, so a run stopped mid-epoch continues with exactly the batches it
+    would have seen. The position is counted in samples handed out, so it survives a change of batch size.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochShuffleSampler):
+            raise TypeError("ResumableDataLoader needs an EpochShuffleSampler")
+        self._epoch = 0
+        self._position = 0
+
+    def __iter__(self) -> Iterator:
+        sampler: EpochShuffleSampler = self.sampler
+        resume = sampler._resume
+        self._epoch, self._position = resume if resume is not None else (sampler.epoch, 0)
+        for batch in super().__iter__():
+            self._position += self.batch_size or 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: EpochShuffleSampler = self.sampler
+        return {"epoch": self._epoch, "position": self._position, "seed": sampler.seed, "length": sampler.length}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: EpochShuffleSampler = self.sampler
+        if state.get("length") != sampler.length:
+            log.warning(
+                "the training set changed since the checkpoint (%s windows, now %d): the epoch starts over",
+                state.get("length"), sampler.length,
+            )
+            return
+        sampler.seed = int(state["seed"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position + (self.batch_size or 1) > len(sampler):  # the epoch was complete: start the next one
+            epoch, position = epoch + 1, 0
+        sampler.resume_at(epoch, position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,11 +550,12 @@ class LMDataModule(L.LightningDataModule):
                 f"{self.train_file}: only {len(self.train_set)} training windows, fewer than data.batch_size = "
                 f"{self.batch_size}; lower the batch size or the context length"
             )
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(self.train_set), self.seed),
             drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),  # leaves the global RNG (dropout) alone
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -55,10 +55,13 @@ class LingmaoLM(L.LightningModule):
         self.optim_cfg = optim
         self.pad_id = pad_id
         self.val_ppl = Perplexity(ignore_index=pad_id)
-        if model.get("compile"):
-            self.model = torch.compile(self.model)
+        self.tokens_per_char: float | None = None  # of the validation file, set by train.py for val/bpc
+        # A compiled *function*, not a wrapped module: state_dict keys stay the same with compile on or off.
+        self._compiled_forward = torch.compile(self.model.forward) if model.get("compile") else None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._compiled_forward is not None:
+            return self._compiled_forward(idx)
         return self.model(idx)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,13 +72,25 @@ class LingmaoLM(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
+        if self._logs_this_step():
+            self.log("train/loss", loss)  # not prog_bar: that would copy it to the host every step
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the loggers write this step: `self.log` costs about a millisecond of Python on every call
+        (Lightning moves its result store to the device each time), and only these steps' values are written."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val/loss", self.loss(logits, y), prog_bar=True, sync_dist=True)
+        loss = self.loss(logits, y)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if self.tokens_per_char:  # bits per character: comparable across tokenizers
+            self.log("val/bpc", loss / math.log(2) * self.tokens_per_char, sync_dist=True)
         self.val_ppl(logits.float(), y)
         self.log("val/ppl", self.val_ppl, prog_bar=True)
 
@@ -86,9 +101,11 @@ class LingmaoLM(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
         decay, no_decay = [], []
-        for p in {id(p): p for p in self.model.parameters() if p.requires_grad}.values():
-            # Matrices (attention, feed-forward, embedding/head) decay; biases and norm gains do not.
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        for name, p in self.model.named_parameters():  # shared (tied) tensors are listed once
+            if p.requires_grad:
+                # Matrices (attention, feed-forward, embedding/head) decay; biases and norm gains do not. Decided
+                # by name, not p.dim(): under FSDP the parameters seen here are flat 1-D shards.
+                (no_decay if name.endswith("bias") or "norm" in name else decay).append(p)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg["weight_decay"]},
@@ -107,6 +124,6 @@ class LingmaoLM(L.LightningModule):
         """Multiply the learning-rate curve by `scale` from now on (used by night mode)."""
         for sched_cfg in self.trainer.lr_scheduler_configs:
             sched = sched_cfg.scheduler
-            for fn, group, base_lr in zip(sched.lr_lambdas, sched.optimizer.param_groups, sched.base_lrs):
+            for fn, group, base_lr in zip(sched.lr_lambdas, sched.optimizer.param_groups, sched.base_lrs, strict=True):
                 fn.scale = scale
                 group["lr"] = base_lr * fn(sched.last_epoch)

@@ -13,16 +13,26 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lingmao import config as _config  # noqa: F401  (registers the config resolvers)
+from lingmao import distributed, monitoring, sweep
+from lingmao.callbacks import build_hardware_callbacks
+from lingmao.checkpointing import (
+    AtomicCheckpointIO,
+    TrainingInterrupted,
+    check_resume_compatible,
+    fault_tolerance_callbacks,
+    interrupts_exit_cleanly,
+)
 from lingmao.data import LMDataModule
 from lingmao.errors import LingmaoError
 from lingmao.export import export_model
 from lingmao.hardware import resolve_accelerator, resolve_precision
 from lingmao.module import LingmaoLM
+from lingmao.night import build_night_mode
+from lingmao.schema import report_config_errors, traceback_wanted, validate_config
 
 log = logging.getLogger("lingmao.train")
 
@@ -35,7 +45,7 @@ def run_name(cfg: DictConfig) -> str:
         overrides = HydraConfig.get().job.override_dirname
     except ValueError:  # not under @hydra.main (tests using compose)
         overrides = ""
-    return overrides.replace("/", "_") or "default"
+    return sweep.short_dirname(overrides) or "default"
 
 
 def default_tokenizer_path(cfg: DictConfig) -> Path:
@@ -76,7 +86,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         ModelCheckpoint(
             dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every_n_steps or None,
         ),
-        LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.checkpoint_every:
         callbacks.append(
@@ -85,22 +94,30 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
                 every_n_epochs=cfg.checkpoint_every, save_on_train_epoch_end=True,
             )
         )
+    callbacks += [*build_hardware_callbacks(cfg.hardware), build_night_mode(cfg.night, cfg.hardware)]
+    callbacks += fault_tolerance_callbacks(ckpt_dir, save_on_interrupt=bool(cfg.save_on_interrupt))
+    callbacks += monitoring.build_monitoring(cfg, run_dir)
     return callbacks
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list[L.Callback]) -> L.Trainer:
     hw = cfg.hardware
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t["enable_progress_bar"] = bool(t.get("enable_progress_bar", True)) and monitoring.is_terminal()
+    if not cfg.data.get("test_file"):
+        t["limit_val_batches"] = 0  # nothing to validate on
     return L.Trainer(
         accelerator=accelerator,
         devices=hw.devices,
         num_nodes=hw.num_nodes,
-        strategy=hw.strategy,
+        strategy=distributed.build_strategy(hw),
+        use_distributed_sampler=False,  # the train sampler shards windows across ranks itself (lingmao/data.py)
         precision=resolve_precision(hw.precision, accelerator),
         accumulate_grad_batches=cfg.optim.accumulation_steps,
         gradient_clip_val=cfg.optim.max_grad_norm,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
+        plugins=[AtomicCheckpointIO()],
+        logger=monitoring.build_loggers(cfg.get("logger") or {}, run_dir),
         default_root_dir=str(run_dir),
         **t,
     )
@@ -115,11 +132,14 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.auto_resume and last.is_file():
         return str(last)
+    if last.is_file():
+        log.info("auto_resume=false: starting afresh; %s stays until this run saves its own", last)
     return None
 
 
 def train(cfg: DictConfig) -> float | None:
     """Train, test and export one run; return the best validation loss (for sweepers)."""
+    validate_config(cfg)  # before anything is read or written: a mistake costs milliseconds
     L.seed_everything(cfg.seed, workers=True)
     accelerator = resolve_accelerator(cfg.hardware.accelerator)
     if cfg.hardware.cpu_threads:
@@ -128,6 +148,9 @@ def train(cfg: DictConfig) -> float | None:
         torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
     run_dir = Path(cfg.paths.runs_dir) / run_name(cfg)
     log.info("run directory: %s", run_dir)
+    monitoring.announce_config(cfg, run_dir)
+    if (done := sweep.finished_result(run_dir, cfg)) is not None:
+        return done.best_val_loss
 
     dm = build_datamodule(cfg, accelerator)
     tokenizer = dm.prepare_tokenizer()
@@ -139,14 +162,17 @@ def train(cfg: DictConfig) -> float | None:
         vocab_size=vocab_size,
         pad_id=dm.special_ids["pad"],
     )
+    lm.tokens_per_char = monitoring.tokens_per_char(dm.val_set)  # for val/bpc
     log.info(
         "model: %s, %.2f M parameters (%.2f M without the embedding), vocabulary %d",
         cfg.model.name, lm.model.num_parameters() / 1e6, lm.model.num_parameters(True) / 1e6, vocab_size,
     )
-    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir))
+    best = sweep.BestValLoss()
+    trainer = build_trainer(cfg, run_dir, accelerator, [*build_callbacks(cfg, run_dir), best])
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
+        at = check_resume_compatible(ckpt_path, lm, tokenizer)
+        log.info("resuming from %s: epoch %s, step %s", ckpt_path, at["epoch"], at["global_step"])
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.interrupted:
         return None
@@ -157,21 +183,31 @@ def train(cfg: DictConfig) -> float | None:
         test_loss = results[0]["test/loss"]
         baseline = unigram_perplexity(dm.train_set.tokens, dm.val_set.tokens, vocab_size)
         log.info(
-            "test loss %.4f, perplexity %.1f; unigram baseline perplexity %.1f", test_loss, math.exp(test_loss), baseline,
+            "test loss %.4f, perplexity %.1f; unigram baseline perplexity %.1f",
+            test_loss, math.exp(test_loss), baseline,
         )
+    target = None
     if cfg.export and trainer.is_global_zero:
         target = Path(cfg.model_save_dir) if cfg.model_save_dir else run_dir / "export"
         export_model(target, lm.model, tokenizer, OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data))
         log.info("exported the model to %s", target)
-    return float(val_loss) if val_loss is not None else None
+    monitoring.log_summary(trainer, target)
+    if trainer.is_global_zero:
+        sweep.mark_finished(run_dir, cfg, best, trainer.global_step)
+    return best.best if best.best is not None else (float(val_loss) if val_loss is not None else None)
 
 
+@report_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        return train(cfg)
+        with interrupts_exit_cleanly(), distributed.single_job_command():
+            return train(cfg)
+    except TrainingInterrupted as exc:  # exit 130 (SIGINT) / 143 (SIGTERM): never read as a finished run
+        print(exc.message(), file=sys.stderr)
+        sys.exit(exc.exit_code)
     except LingmaoError as exc:
-        if cfg.get("debug"):
+        if cfg.get("debug") is True or traceback_wanted():
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

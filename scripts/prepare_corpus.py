@@ -24,7 +24,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-LICENCE = "Source: the chinese-poetry package (MIT licence, copyright 2016 JackeyGao). The texts are in the public domain."
+LICENCE = (
+    "Source: the chinese-poetry package (MIT licence, copyright 2016 JackeyGao). The texts are in the public domain."
+)
 
 
 def _numbered(folder: Path, pattern: str) -> list[Path]:

@@ -55,7 +55,9 @@ def flat(n: int, doc_lengths: list[int] | None = None) -> TokenFile:
     return TokenFile(np.arange(offsets[-1], dtype=np.uint16), offsets)
 
 
-@pytest.mark.parametrize("n,context,stride,expected", [(100, 10, 10, 9), (100, 10, 1, 90), (11, 10, 5, 1), (10, 10, 1, 0)])
+@pytest.mark.parametrize(
+    "n,context,stride,expected", [(100, 10, 10, 9), (100, 10, 1, 90), (11, 10, 5, 1), (10, 10, 1, 0)]
+)
 def test_stride_arithmetic(n, context, stride, expected):
     ds = WindowDataset(flat(n), context, stride)
     assert len(ds) == expected
@@ -94,7 +96,7 @@ def test_cache_hit_on_second_load(small_corpus, tokenizer, tmp_path, caplog):
     cache = tmp_path / "cache"
     first = load_or_tokenize(train, tokenizer, TextSource(), cache)
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 2 and all(not f.endswith(".tmp") for f in files)
+    assert len(files) == 3 and all(not f.endswith(".tmp") for f in files)  # tokens, document offsets, characters
     with caplog.at_level(logging.INFO, logger="lingmao.data"):
         second = load_or_tokenize(train, tokenizer, TextSource(), cache)
     assert "token cache hit" in caplog.text
@@ -102,7 +104,7 @@ def test_cache_hit_on_second_load(small_corpus, tokenizer, tmp_path, caplog):
     assert np.array_equal(first.tokens, second.tokens) and np.array_equal(first.doc_offsets, second.doc_offsets)
     # Another text setting is another cache entry, not a stale hit.
     load_or_tokenize(train, tokenizer, TextSource(convert="t2s"), cache)
-    assert len(list(cache.iterdir())) == 4
+    assert len(list(cache.iterdir())) == 6
 
 
 def test_cache_ignores_a_damaged_entry(small_corpus, tokenizer, tmp_path):

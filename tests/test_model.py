@@ -79,3 +79,20 @@ def test_schedule_values():
     assert s(1000) == pytest.approx(0.1)
     s.scale = 0.75
     assert s(110) == pytest.approx(0.075)
+
+
+def test_weight_decay_on_matrices_only():
+    from lingmao.module import LingmaoLM
+
+    optim = dict(lr=1e-3, weight_decay=0.1, warmup_steps=1, min_lr_ratio=0.1)
+    lm = LingmaoLM(dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.0), optim, vocab_size=50)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    lm._trainer = FakeTrainer()  # configure_optimizers reads the step count from the trainer
+    decay, no_decay = lm.configure_optimizers()["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n_params = len({id(p) for p in lm.model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_params
