@@ -156,8 +156,11 @@ def interrupts_exit_cleanly() -> Iterator[None]:
     try:
         yield
     finally:
+        # After an interruption the process is on its way out with 130 / 143: a further Ctrl-C must not turn
+        # that into death by signal, so the signals stay caught (ignored) instead of getting their old handlers.
+        interrupted = _STATE.signum is not None
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if interrupted else h)
 
 
 def _can_set_signals() -> bool:

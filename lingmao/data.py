@@ -276,33 +276,24 @@ def load_or_tokenize(path: str | Path, tok: Tokenizer, source: TextSource, cache
     ).hexdigest()[:20]
     stem = Path(cache_dir) / f"{path.name}.{key}"
     tokens_path, offsets_path = Path(f"{stem}.tokens.npy"), Path(f"{stem}.docs.npy")
+    chars_path = Path(f"{stem}.chars")
     if tokens_path.exists() and offsets_path.exists():
         try:
             tokens = np.load(tokens_path, mmap_mode="r")
             offsets = np.load(offsets_path, mmap_mode="r")
+            num_chars = int(chars_path.read_text())
             if offsets[-1] == len(tokens):
                 log.info("token cache hit for %s: %s (%d tokens)", path, tokens_path, len(tokens))
-                return TokenFile(tokens, offsets, _cached_char_count(stem, path, source))
+                return TokenFile(tokens, offsets, num_chars)
         except (ValueError, OSError):
             pass
         log.warning("token cache for %s is unreadable; tokenizing again", path)
     tf = tokenize_file(path, tok, source)
-    # Tokens first, offsets last: offsets present means the pair is complete (both writes are atomic).
-    atomic_write_bytes(Path(f"{stem}.chars"), str(tf.num_chars).encode())
+    # Offsets last: their file present means the entry is complete (every write is atomic).
+    atomic_write_bytes(chars_path, str(tf.num_chars).encode())
     atomic_write(tokens_path, lambda f: np.save(f, tf.tokens))
     atomic_write(offsets_path, lambda f: np.save(f, tf.doc_offsets))
     return TokenFile(np.load(tokens_path, mmap_mode="r"), np.load(offsets_path, mmap_mode="r"), tf.num_chars)
-
-
-def _cached_char_count(stem: Path, path: Path, source: TextSource) -> int:
-    """Characters behind a token cache (for bits per character); counted once for caches made without it."""
-    chars_path = Path(f"{stem}.chars")
-    try:
-        return int(chars_path.read_text())
-    except (OSError, ValueError):
-        count = sum(len(text) for text in source.texts(path))
-        atomic_write_bytes(chars_path, str(count).encode())
-        return count
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lingmao.errors import LingmaoError
+from lingmao.errors import LingmaoError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -153,17 +153,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
-    try:
+    with exit_on_user_error(bool(cfg.get("debug"))):
         run(cfg)
-    except LingmaoError as exc:
-        if cfg.get("debug"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
-    from lingmao.generate import quote_unicode_overrides
+    from lingmao.config import quote_unicode_overrides
 
     sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
     main()

@@ -7,33 +7,15 @@ batch and printed one after the other. Messages go to stderr, poems to stdout.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from lingmao.errors import LingmaoError
+from lingmao.config import quote_unicode_overrides
+from lingmao.errors import LingmaoError, exit_on_user_error
 
 log = logging.getLogger(__name__)
-
-
-def quote_unicode_overrides(argv: list[str]) -> list[str]:
-    """Quote `key=value` arguments whose value has non-ASCII characters (`prompt=床前明月光`).
-
-    Hydra's override grammar rejects unquoted Chinese text, and the shell has already removed the
-    quotes the user typed, so the app adds them back before Hydra parses the command line.
-    """
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and not arg.startswith("-") and value[:1] not in ("'", '"') and not value.isascii():
-            # Inside Hydra quotes a backslash is literal unless it precedes a quote (or the closing one).
-            value = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
-            value = '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value) + '"'
-            arg = f"{key}={value}"
-        out.append(arg)
-    return out
 
 
 def load_for_inference(cfg: DictConfig):
@@ -82,13 +64,8 @@ def run(cfg: DictConfig) -> list[str]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
-    try:
+    with exit_on_user_error(bool(cfg.get("debug"))):
         run(cfg)
-    except LingmaoError as exc:
-        if cfg.get("debug"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ class WarmupCosine:
         return self.base(step) * self.scale
 
 
+def logs_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether the loggers write this training step. `LightningModule.log` costs about a millisecond of Python
+    on every call (Lightning moves its result store to the device each time), and only these steps' values
+    are written, so per-step metrics are logged on these steps alone."""
+    if trainer is None:
+        return True
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
 def build_model(vocab_size: int, model_cfg: dict[str, Any]) -> SimpleTransformer:
     return SimpleTransformer(vocab_size, **{k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg})
 
@@ -72,17 +81,9 @@ class LingmaoLM(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        if self._logs_this_step():
+        if logs_this_step(self._trainer):
             self.log("train/loss", loss)  # not prog_bar: that would copy it to the host every step
         return loss
-
-    def _logs_this_step(self) -> bool:
-        """Whether the loggers write this step: `self.log` costs about a millisecond of Python on every call
-        (Lightning moves its result store to the device each time), and only these steps' values are written."""
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

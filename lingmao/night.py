@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lingmao.errors import LingmaoError
+from lingmao.module import logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,8 @@ class NightMode(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if not self.enabled:
             return
-        pl_module.log("night", float(self.limits.active), on_step=True, on_epoch=False)
+        if logs_this_step(trainer):
+            pl_module.log("night", float(self.limits.active), on_step=True, on_epoch=False)
         every = self.settings.check_every_n_steps
         step = trainer.global_step
         if not every or step == self._last_checked_step or step % every:

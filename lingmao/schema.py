@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lingmao.config import CONF_DIR
-from lingmao.errors import LingmaoError
+from lingmao.errors import LingmaoError, traceback_wanted
 from lingmao.hardware import ACCELERATORS, resolve_accelerator
 
 _NUMBER = (int, float)
@@ -498,11 +498,6 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 # Hydra's own composition errors -> one line, exit 2
 # ----------------------------------------------------------------------------------------------
-def traceback_wanted() -> bool:
-    """`HYDRA_FULL_ERROR=1` asks for full tracebacks of user errors too."""
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
 def describe_hydra_error(exc: BaseException) -> str | None:
     """One line for a Hydra composition error that is the user's, or None (not one of those)."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException

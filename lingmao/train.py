@@ -27,12 +27,12 @@ from lingmao.checkpointing import (
     interrupts_exit_cleanly,
 )
 from lingmao.data import LMDataModule
-from lingmao.errors import LingmaoError
+from lingmao.errors import LingmaoError, exit_on_user_error
 from lingmao.export import export_model
 from lingmao.hardware import resolve_accelerator, resolve_precision
 from lingmao.module import LingmaoLM
 from lingmao.night import build_night_mode
-from lingmao.schema import report_config_errors, traceback_wanted, validate_config
+from lingmao.schema import report_config_errors, validate_config
 
 log = logging.getLogger("lingmao.train")
 
@@ -201,17 +201,13 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        with interrupts_exit_cleanly(), distributed.single_job_command():
+        with exit_on_user_error(cfg.get("debug") is True), interrupts_exit_cleanly(), distributed.single_job_command():
             return train(cfg)
     except TrainingInterrupted as exc:  # exit 130 (SIGINT) / 143 (SIGTERM): never read as a finished run
         print(exc.message(), file=sys.stderr)
         sys.exit(exc.exit_code)
-    except LingmaoError as exc:
-        if cfg.get("debug") is True or traceback_wanted():
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = _config.quote_unicode_overrides(sys.argv[1:])  # data.template=「{title}」... from a shell
     main()

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 
 from lingmao.config import CONF_DIR, CORPUS_DIR
 
@@ -54,3 +55,12 @@ def tiny_overrides(tmp_path: Path, train: Path, test: Path, steps: int = 20) -> 
 @pytest.fixture
 def conf_dir() -> Path:
     return CONF_DIR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

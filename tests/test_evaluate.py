@@ -19,6 +19,8 @@ from lingmao.data import iter_documents
 from lingmao.evaluate import evaluate_file
 from lingmao.tokenizer import train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CORPUS = Path(__file__).resolve().parent.parent / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"
 MODEL_CFG = dict(d_model=32, nhead=2, num_layers=1, dim_feedforward=64, dropout=0.0, max_len=128)
 POEMS = [
@@ -26,14 +28,6 @@ POEMS = [
     "執契靜三邊，持衡臨萬姓。",
     "春風吹綠草，明月照高樓。\n山水無窮意，江天一色秋。",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from lingmao.export import LingmaoModel
 from lingmao.forms import FORMS, RHYME_CLASSES, check_poem, is_han, rhyme_group
 from lingmao.tokenizer import train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CORPUS = Path(__file__).resolve().parent.parent / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"
 MODEL_CFG = dict(d_model=32, nhead=2, num_layers=1, dim_feedforward=64, dropout=0.0, max_len=128)
 ACROSTIC = "春夏秋冬風花雪月"
@@ -32,15 +34,6 @@ def export_tiny(directory: Path, texts: list[str] | None = None, **data_cfg) -> 
     model = SimpleTransformer(tok.get_vocab_size(), **MODEL_CFG)
     data = {"context_length": 64, "text_key": "text", "template": None, "convert": "none", **data_cfg}
     return export_model(directory, model, tok, MODEL_CFG, data)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
