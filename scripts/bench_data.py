@@ -2,7 +2,7 @@
 loader keeps up with training. Compared with the original design's approach (every training window kept as
 a Python list of token ids), measured on a cut of the corpus and extrapolated (labelled as such).
 
-    python scripts/bench_data.py                              # the full corpus, ../shared/corpus/poetry
+    python scripts/bench_data.py                              # the full corpus, data/poetry (prepare_corpus.py)
     python scripts/bench_data.py --train-file lingmao/corpus/poetry_sample/train.jsonl --cut-kb 100
 
 lingmao's memory is the growth of this process's resident set (VmRSS, file-backed pages of the memory-mapped
@@ -31,7 +31,11 @@ from lingmao.config import CONF_DIR
 from lingmao.data import TextSource, WindowDataset, iter_documents, load_or_tokenize, tokenize_file
 from lingmao.tokenizer import special_ids, train_tokenizer
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "poetry" / "train.jsonl"
+# The full corpus as scripts/prepare_corpus.py writes it (data=poetry), else the bundled sample.
+ROOT = Path(__file__).resolve().parents[1]
+FULL_CORPUS = ROOT / "data" / "poetry" / "train.jsonl"
+SAMPLE_CORPUS = ROOT / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"
+DEFAULT_CORPUS = FULL_CORPUS if FULL_CORPUS.is_file() else SAMPLE_CORPUS
 
 
 def rss_bytes() -> int:
