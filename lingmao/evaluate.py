@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from lingmao.config import quote_unicode_overrides
 from lingmao.errors import LingmaoError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from lingmao.config import quote_unicode_overrides
-
     sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
     main()

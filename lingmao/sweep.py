@@ -1,7 +1,7 @@
-"""Sweeps: a run's best validation loss, finished-run markers, and the summary CSV of a Hydra multirun.
+"""Sweeps: finished-run markers and the summary CSV of a Hydra multirun.
 
-- `BestValLoss` follows the lowest `val/loss` of a run (kept in checkpoints, so a resumed run knows it);
-  `train()` returns it, which is what Hydra's sweepers (Optuna) minimise.
+- `train()` returns a run's lowest `val/loss` (tracked by `monitoring.TrainingMonitor`, kept in
+  checkpoints), which is what Hydra's sweepers (Optuna) minimise.
 - A run that ends normally writes `finished.json` in its run directory. Re-launching the same command or
   sweep then returns the recorded result at once instead of loading data and evaluating again, unless
   `trainer.max_steps` / `trainer.max_epochs` changed (training longer resumes from last.ckpt).
@@ -15,12 +15,10 @@ import csv
 import hashlib
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,30 +54,6 @@ def short_dirname(name: str, limit: int = MAX_DIRNAME) -> str:
 OmegaConf.register_new_resolver("lingmao.dirname", short_dirname, replace=True)
 
 
-class BestValLoss(L.Callback):
-    """The lowest `val/loss` seen by this run, resumed runs included."""
-
-    def __init__(self) -> None:
-        self.best: float | None = None
-        self.last: float | None = None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get("val/loss")
-        if value is None or not math.isfinite(float(value)):
-            return
-        self.last = float(value)
-        self.best = self.last if self.best is None else min(self.best, self.last)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "last": self.last}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
-        self.last = state_dict.get("last")
-
-
 @dataclass
 class RunResult:
     """What a finished run leaves in `finished.json`."""
@@ -100,10 +74,12 @@ def training_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def mark_finished(run_dir: Path, cfg: DictConfig, best: BestValLoss, global_step: int) -> None:
+def mark_finished(
+    run_dir: Path, cfg: DictConfig, best_val_loss: float | None, last_val_loss: float | None, global_step: int
+) -> None:
     """Record that the run in `run_dir` ended normally (call on global rank 0 only)."""
-    result = RunResult(best.best, best.last, int(global_step), int(cfg.trainer.max_steps), cfg.trainer.max_epochs,
-                       training_fingerprint(cfg))
+    result = RunResult(best_val_loss, last_val_loss, int(global_step), int(cfg.trainer.max_steps),
+                       cfg.trainer.max_epochs, training_fingerprint(cfg))
     atomic_write(Path(run_dir) / FINISHED_FILE, lambda f: f.write(json.dumps(asdict(result)).encode()))
 
 

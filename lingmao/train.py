@@ -167,8 +167,7 @@ def train(cfg: DictConfig) -> float | None:
         "model: %s, %.2f M parameters (%.2f M without the embedding), vocabulary %d",
         cfg.model.name, lm.model.num_parameters() / 1e6, lm.model.num_parameters(True) / 1e6, vocab_size,
     )
-    best = sweep.BestValLoss()
-    trainer = build_trainer(cfg, run_dir, accelerator, [*build_callbacks(cfg, run_dir), best])
+    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir))
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt_path:
         at = check_resume_compatible(ckpt_path, lm, tokenizer)
@@ -192,9 +191,12 @@ def train(cfg: DictConfig) -> float | None:
         export_model(target, lm.model, tokenizer, OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data))
         log.info("exported the model to %s", target)
     monitoring.log_summary(trainer, target)
+    monitor = next(c for c in trainer.callbacks if isinstance(c, monitoring.TrainingMonitor))
+    best = monitor.best.get("val/loss")
+    last = float(val_loss) if val_loss is not None else None
     if trainer.is_global_zero:
-        sweep.mark_finished(run_dir, cfg, best, trainer.global_step)
-    return best.best if best.best is not None else (float(val_loss) if val_loss is not None else None)
+        sweep.mark_finished(run_dir, cfg, best, last, trainer.global_step)
+    return best if best is not None else last
 
 
 @report_config_errors

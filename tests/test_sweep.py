@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lingmao.sweep import FINISHED_FILE, BestValLoss, finished_result, mark_finished, short_dirname, write_summary
+from lingmao.sweep import FINISHED_FILE, finished_result, mark_finished, short_dirname, write_summary
 from tests.conftest import tiny_overrides
 
 
@@ -85,9 +85,7 @@ def _cfg(**run):
 
 
 def test_finished_marker_is_honoured_only_for_the_same_limits(tmp_path):
-    best = BestValLoss()
-    best.best, best.last = 2.5, 2.7
-    mark_finished(tmp_path, _cfg(), best, global_step=10)
+    mark_finished(tmp_path, _cfg(), 2.5, 2.7, global_step=10)
     assert finished_result(tmp_path, _cfg()).best_val_loss == 2.5
     assert finished_result(tmp_path, _cfg(trainer={"max_steps": 20})) is None  # train longer: resume instead
     assert finished_result(tmp_path, _cfg(model={"d_model": 48})) is None  # another model: resume checks refuse
@@ -95,14 +93,6 @@ def test_finished_marker_is_honoured_only_for_the_same_limits(tmp_path):
     assert finished_result(tmp_path, _cfg(resume_from="x.ckpt")) is None
     (tmp_path / FINISHED_FILE).write_text("{broken")
     assert finished_result(tmp_path, _cfg()) is None
-
-
-def test_best_val_loss_survives_a_checkpoint():
-    best = BestValLoss()
-    best.best, best.last = 3.0, 3.2
-    again = BestValLoss()
-    again.load_state_dict(best.state_dict())
-    assert (again.best, again.last) == (3.0, 3.2)
 
 
 @pytest.mark.parametrize("failed", [False, True])
