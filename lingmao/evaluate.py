@@ -69,7 +69,7 @@ def evaluate_file(
     path = Path(path)
     started = time.perf_counter()
     data = load_or_tokenize(path, lm.tokenizer, source, cache_dir=None)
-    characters = sum(len(text) for text in source.texts(path))
+    characters = int(data.num_chars)  # counted while tokenizing: the file is read once
     tokens = np.asarray(data.tokens, dtype=np.int64)
     full = WindowDataset(data, ctx, stride=ctx, packing=True)
     rest = len(tokens) - len(full) * ctx  # tokens from the start of the last, shorter window

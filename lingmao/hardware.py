@@ -22,6 +22,12 @@ def available_accelerators() -> list[str]:
     return found
 
 
+def best_accelerator() -> str:
+    """cuda if present, else mps, else cpu: what 'auto' means everywhere."""
+    have = available_accelerators()
+    return "cuda" if "cuda" in have else "mps" if "mps" in have else "cpu"
+
+
 def resolve_accelerator(requested: str) -> str:
     """'auto' -> cuda, else mps, else cpu; an explicit choice must exist on this machine."""
     requested = {"gpu": "cuda"}.get(requested, requested)
@@ -29,7 +35,7 @@ def resolve_accelerator(requested: str) -> str:
         raise LingmaoError(f"hardware.accelerator: '{requested}' is not one of {', '.join(ACCELERATORS)}")
     have = available_accelerators()
     if requested == "auto":
-        return "cuda" if "cuda" in have else "mps" if "mps" in have else "cpu"
+        return best_accelerator()
     if requested not in have:
         name = {"cuda": "CUDA", "mps": "MPS"}[requested]
         raise LingmaoError(

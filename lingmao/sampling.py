@@ -26,14 +26,14 @@ StepMask = Callable[[int, torch.Tensor], torch.Tensor]
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' (or None) -> cuda, else mps, else cpu; an explicit device must exist on this machine."""
-    from lingmao.hardware import available_accelerators
+    from lingmao.hardware import available_accelerators, best_accelerator
 
     if isinstance(device, torch.device):
         return device
     name = str(device or "auto")
-    have = available_accelerators()
     if name == "auto":
-        return torch.device("cuda" if "cuda" in have else "mps" if "mps" in have else "cpu")
+        return torch.device(best_accelerator())
+    have = available_accelerators()
     kind = name.split(":", 1)[0]
     if kind not in ("cpu", "cuda", "mps"):
         raise LingmaoError(f"device: '{name}' is not one of auto, cpu, cuda, mps")
