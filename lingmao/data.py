@@ -9,23 +9,29 @@ per-sample Python lists, whatever the stride.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
 import logging
+import os
+import string
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import MISSING
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from lingmao.checks import check_fields, choice, number
 from lingmao.errors import LingmaoError
 from lingmao.io import atomic_write, atomic_write_bytes
 from lingmao.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
@@ -34,6 +40,69 @@ log = logging.getLogger(__name__)
 
 CONVERSIONS = ("none", "t2s", "s2t")
 MAX_SHOWN_BAD_LINES = 5
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it becomes tokens, and the windows a model trains on."""
+
+    KEY: ClassVar[str] = "data"
+    name: str = "jsonl"
+    train_file: Any = MISSING
+    test_file: str | None = None
+    tokenizer_path: str | None = None  # null = <paths.cache_dir>/tokenizers/<hash of train file and settings>.json
+    context_length: int = number(128, ge=1)
+    batch_size: int = number(32, ge=1)
+    stride: int | None = number(None, ge=1)  # step between training windows (null = context_length)
+    eval_stride: int | None = number(None, ge=1)  # the same for evaluation windows
+    packing: bool = True  # join documents with <eos>/<bos>; false = windows inside single documents only
+    text_key: str = "text"
+    template: str | None = None  # e.g. "{title}\n{text}" to train with titles
+    convert: str = choice("none", *CONVERSIONS)  # OpenCC, before tokenizing and when generating
+    on_bad_line: str = choice("error", "error", "skip")
+    min_frequency: int = number(1, ge=1)  # characters seen fewer times become <unk>
+    num_workers: int = number(0, ge=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.template:
+            check_template(self.template)
+        for key in ("train_file", "test_file"):
+            check_input_file(getattr(self, key), f"data.{key}")
+        tok = self.tokenizer_path
+        if tok and Path(tok).is_dir():
+            raise LingmaoError(
+                f"data.tokenizer_path: {tok}: is a directory, expected a tokenizer.json file (or a new path)"
+            )
+
+
+def check_template(template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise LingmaoError(
+            f"data.template={template!r}: not a valid template ({exc}); write fields as {{title}}"
+        ) from None
+    if any(f == "" or f.split(".")[0].split("[")[0].isdigit() for f in fields):
+        raise LingmaoError(
+            f"data.template={template!r}: use named fields such as {{title}} and {{text}}, not {{}} or {{0}}"
+        )
+
+
+def check_input_file(name: str | None, key: str) -> None:
+    """A file the config names must exist as a readable, non-empty file (nothing is read from it here)."""
+    if not name:
+        return
+    path = Path(name)
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise LingmaoError(f"{key}: {path}: file not found{where}")
+    if path.is_dir():
+        raise LingmaoError(f"{key}: {path}: is a directory, expected a .jsonl or .jsonl.gz file")
+    if not os.access(path, os.R_OK):
+        raise LingmaoError(f"{key}: {path}: permission denied")
+    if path.stat().st_size == 0:
+        raise LingmaoError(f"{key}: {path}: the file is empty")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +555,35 @@ class LMDataModule(L.LightningDataModule):
         self.train_set: WindowDataset | None = None
         self.val_set: WindowDataset | None = None
 
+    @property
+    def has_val(self) -> bool:
+        return self.test_file is not None
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_file is not None
+
+    @property
+    def test_set(self) -> WindowDataset | None:
+        return self.val_set
+
+    def tokens_per_char(self, split: str) -> float | None:
+        """Tokens per character of a split ('train', 'val', 'test'), for bits per character."""
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if ds is None or not ds.num_chars:
+            return None
+        return len(ds.tokens) / ds.num_chars
+
+    def planned_steps(self, trainer_cfg: Any, accumulation: int = 1, world_size: int = 1) -> float:
+        """Optimizer steps the run will take at the day batch size (max_steps, or epochs of the training set)."""
+        totals = []
+        if trainer_cfg.max_steps and trainer_cfg.max_steps > 0:
+            totals.append(float(trainer_cfg.max_steps))
+        if trainer_cfg.max_epochs and trainer_cfg.max_epochs > 0 and self.train_set is not None:
+            per_epoch = len(self.train_set) // (self.batch_size * world_size) // max(1, accumulation)
+            totals.append(float(trainer_cfg.max_epochs * per_epoch))
+        return min(totals) if totals else float("inf")
+
     # The tokenizer is needed before the model exists (vocabulary size), so it is public.
     def prepare_tokenizer(self) -> Tokenizer:
         if self.tokenizer is not None:
@@ -565,3 +663,22 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+
+def default_tokenizer_path(data: DataConfig, cache_dir: str | Path) -> Path:
+    """Tokenizers are keyed by the training file and the text settings, so two datasets never share one."""
+    h = hashlib.sha256()
+    train_file = Path(data.train_file)
+    h.update(str(train_file.resolve()).encode())
+    if train_file.is_file():
+        st = train_file.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"{data.text_key}|{data.template}|{data.convert}|{data.min_frequency}".encode())
+    return Path(cache_dir) / "tokenizers" / f"{train_file.name}.{h.hexdigest()[:12]}.json"
+
+
+def build_datamodule(data: DataConfig, cache_dir: str | Path, seed: int = 0, pin_memory: bool = False) -> LMDataModule:
+    """The datamodule a data config describes; token caches and trained tokenizers go under `cache_dir`."""
+    values = dataclasses.asdict(data)
+    values["tokenizer_path"] = data.tokenizer_path or str(default_tokenizer_path(data, cache_dir))
+    return LMDataModule(**values, cache_dir=str(Path(cache_dir) / "tokens"), pin_memory=pin_memory, seed=seed)

@@ -9,6 +9,7 @@ config flags, the job's own overrides (the sweeper's choices included) and its o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -16,58 +17,43 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import read_write
 
-from lingmao.errors import LingmaoError
+from lingmao.hardware import FSDPConfig, HardwareConfig
 
 log = logging.getLogger(__name__)
 
-FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
-FSDP_STATE_DICTS = ("full", "sharded")
-# Hydra overrides that make sense in a single run of one job (the rest belong to the sweep).
 # What Lightning's launcher leaves in the environment of rank 0; with LOCAL_RANK still set, the next job of
 # a sweep would believe its ranks were started by someone else and wait for them forever.
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Hydra overrides that make sense in a single run of one job (the rest belong to the sweep).
 _KEPT_HYDRA_OVERRIDES = ("hydra.job.chdir", "hydra.job.env_set", "hydra.job.config", "hydra.verbose",
                          "hydra/job_logging", "hydra/hydra_logging", "hydra.job_logging", "hydra.hydra_logging")
 
 
-def build_strategy(hw: DictConfig) -> Any:
-    """`hardware.strategy` as Lightning takes it: a name, or a configured DDP / FSDP strategy object."""
-    name = str(hw.strategy)
-    if name == "fsdp":
-        return _fsdp_strategy(hw.get("fsdp") or {})
-    if name == "ddp" and hw.get("ddp"):
+def build_strategy(hw: HardwareConfig, block_types: set[type] | None = None) -> Any:
+    """`hardware.strategy` as Lightning takes it: a name, or a configured DDP / FSDP strategy object.
+
+    `block_types`: the model's Transformer block classes; FSDP wraps one unit per block."""
+    if hw.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        opts = hw.fsdp or FSDPConfig()
+        blocks = block_types or set()
+        return FSDPStrategy(
+            auto_wrap_policy=blocks,
+            activation_checkpointing_policy=blocks if opts.activation_checkpointing else None,
+            sharding_strategy=opts.sharding_strategy,
+            cpu_offload=opts.cpu_offload,
+            state_dict_type=opts.state_dict_type,
+            limit_all_gathers=True,
+        )
+    if hw.strategy == "ddp" and hw.ddp is not None:
         from lightning.pytorch.strategies import DDPStrategy
 
-        opts = OmegaConf.to_container(hw.ddp, resolve=True)
-        return DDPStrategy(**{k: v for k, v in opts.items() if v is not None})
-    return name
-
-
-def _fsdp_strategy(opts: Any) -> Any:
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch import nn
-
-    opts = dict(opts)
-    sharding = str(opts.get("sharding_strategy", "FULL_SHARD"))
-    if sharding not in FSDP_SHARDING:
-        raise LingmaoError(f"hardware.fsdp.sharding_strategy: '{sharding}' is not one of {', '.join(FSDP_SHARDING)}")
-    state_dict_type = str(opts.get("state_dict_type", "full"))
-    if state_dict_type not in FSDP_STATE_DICTS:
-        raise LingmaoError(
-            f"hardware.fsdp.state_dict_type: '{state_dict_type}' is not one of {', '.join(FSDP_STATE_DICTS)}"
-        )
-    # One FSDP unit per Transformer block; the embedding (tied to the output head) stays in the root unit.
-    blocks = {nn.TransformerEncoderLayer}
-    return FSDPStrategy(
-        auto_wrap_policy=blocks,
-        activation_checkpointing_policy=blocks if opts.get("activation_checkpointing") else None,
-        sharding_strategy=sharding,
-        cpu_offload=bool(opts.get("cpu_offload", False)),
-        state_dict_type=state_dict_type,
-        limit_all_gathers=True,
-    )
+        opts = {k: v for k, v in dataclasses.asdict(hw.ddp).items() if v is not None}
+        return DDPStrategy(**opts)
+    return hw.strategy
 
 
 def _config_flags(argv: list[str]) -> list[str]:

@@ -26,11 +26,30 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lingmao.config import quote_unicode_overrides
+from lingmao.cli import quote_unicode_overrides, report_config_errors
 from lingmao.errors import LingmaoError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+
+
+def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on the test tokens of a model that knows only the training set's token frequencies
+    (add-one smoothed): the baseline a trained model must beat by far."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[np.asarray(test_tokens)].mean()))
+
+
+def test_result(trainer: Any, lm: Any, dm: Any) -> Any:
+    """Score the trained model on the datamodule's test split, next to the unigram baseline."""
+    from lingmao.report import TestResult
+
+    results = trainer.test(lm, datamodule=dm, verbose=False)
+    loss = float(results[0]["test/loss"])
+    per_char = dm.tokens_per_char("test")
+    baseline = unigram_perplexity(dm.train_set.tokens, dm.test_set.tokens, lm.hparams["vocab_size"])
+    return TestResult(loss, math.exp(loss), loss / math.log(2) * per_char if per_char else None, baseline)
 
 
 def evaluate_file(
@@ -151,6 +170,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+@report_config_errors()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)

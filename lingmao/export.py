@@ -1,10 +1,24 @@
-"""Final weights + model config + tokenizer in one folder, and loading them back without Hydra."""
+"""Final weights + model config + tokenizer in one folder, and loading them back (no Lightning, no Hydra).
+
+An export folder holds `model.safetensors`, `tokenizer.json` and `config.json`; other files a user puts there
+are left alone. Exporting again replaces exactly those three files:
+
+1. they are written into a new folder `.export-<random>` inside the target and fsynced;
+2. that folder is renamed to `.export-ready` (the commit point: from here the new export is complete on disk);
+3. its files move into the target one by one (`os.replace`, `config.json` last), then it is removed.
+
+A crash before 2 leaves the old export as it was (the stray staging folder is removed by the next export);
+a crash during 3 leaves `.export-ready`, which the next export or load finishes moving first. So the folder
+always holds, or recovers to, one complete export.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,59 +30,123 @@ from safetensors.torch import save_model as save_safetensors
 from tokenizers import Tokenizer
 
 from lingmao.errors import LingmaoError
-from lingmao.model import SimpleTransformer
-from lingmao.module import MODEL_KEYS, build_model
+from lingmao.io import file_mode, fsync_dir, fsync_file, make_temp_dir
+from lingmao.model import ModelConfig, build_model
 from lingmao.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG)  # in the order they are moved into place: config.json last
+FORMAT = "lingmao-2"
+READY, STAGING_PREFIX = ".export-ready", ".export-"
+DATA_KEYS = ("context_length", "text_key", "template", "convert")
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of an export's or checkpoint's model settings (keys it does not know are ignored).
+
+    Exports and checkpoints written before the model had an `arch` key hold the design's model."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in values.items() if k in known}
+    if "arch" in known:
+        values.setdefault("arch", "design")
+    return ModelConfig(**values)
+
+
+def export_problem(directory: Path) -> str | None:
+    """Why `directory` cannot receive an export, or None: it must be new, empty, hold only an export's files,
+    or be a lingmao export (whose other files are kept)."""
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        return f"{directory} exists and is not a directory"
+    names = {p.name for p in directory.iterdir()}
+    ours = {*EXPORT_FILES, READY} | {n for n in names if n.startswith(STAGING_PREFIX)}
+    if names <= ours or is_export(directory):  # new, an export (maybe damaged), or an export with the user's files
+        return None
+    return (
+        f"{directory} is a non-empty folder but not a lingmao export; an export writes "
+        f"{', '.join(EXPORT_FILES)} there: choose a new or empty folder"
+    )
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds a lingmao export (or one being moved into place)."""
+    if (directory / READY).is_dir():
+        return True
+    try:
+        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "vocab_size" in config and "model" in config
 
 
 def export_model(
-    directory: str | Path, model: SimpleTransformer, tokenizer: Tokenizer, model_cfg: dict[str, Any],
+    directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, model_cfg: ModelConfig | dict[str, Any],
     data_cfg: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `directory/{model.safetensors, config.json, tokenizer.json}`.
+    """Write `directory/{model.safetensors, tokenizer.json, config.json}` (see the module docstring).
 
-    The folder is built beside the target and swapped in at the end, so a failure never leaves a
-    half-written export in place of the previous one.
-    """
+    Refuses (LingmaoError) a folder that holds other things and is not an export; other files in an export
+    folder are kept."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    data_cfg = data_cfg or {}
-    config = {
-        "format": "lingmao-1",
-        "vocab_size": model.vocab_size,
-        "model": {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg},
-        "data": {k: data_cfg.get(k) for k in ("context_length", "text_key", "template", "convert")},
-    }
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    old = directory.with_name(f".{directory.name}.old")
+    problem = export_problem(directory)
+    if problem:
+        raise LingmaoError(problem)
+    directory.mkdir(parents=True, exist_ok=True)
+    finish_export(directory)  # an interrupted earlier export first
+    for stale in directory.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = make_temp_dir(directory, STAGING_PREFIX)
     try:
-        save_safetensors(_unwrap(model), str(staging / WEIGHTS))
-        (staging / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+        save_safetensors(getattr(model, "_orig_mod", model), str(staging / WEIGHTS))
         tokenizer.save(str(staging / TOKENIZER))
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        cfg = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
+        config = {
+            "format": FORMAT,
+            "vocab_size": int(getattr(model, "vocab_size", tokenizer.get_vocab_size())),
+            "model": cfg,
+            "data": {k: (data_cfg or {}).get(k) for k in DATA_KEYS},
+            "sha256": {name: _sha256(staging / name) for name in (WEIGHTS, TOKENIZER)},
+        }
+        (staging / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+        for name in EXPORT_FILES:
+            os.chmod(staging / name, file_mode())
+            fsync_file(staging / name)
+        fsync_dir(staging)
+        os.replace(staging, directory / READY)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and not directory.exists():
-            old.rename(directory)  # the previous export goes back in place
         raise
+    finish_export(directory)
     return directory
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+def finish_export(directory: Path) -> None:
+    """Move a committed `.export-ready` into place (idempotent: files already moved are not there any more)."""
+    ready = directory / READY
+    if not ready.is_dir():
+        return
+    for name in EXPORT_FILES:
+        if (ready / name).exists():
+            os.replace(ready / name, directory / name)
+    fsync_dir(directory)
+    shutil.rmtree(ready, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
 class LingmaoModel:
     """An exported model, ready to use: `.model` (eval mode), `.tokenizer`, `.config`."""
 
-    model: SimpleTransformer
+    model: torch.nn.Module
     tokenizer: Tokenizer
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -95,17 +173,17 @@ class LingmaoModel:
     def from_checkpoint(
         cls, path: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu"
     ) -> LingmaoModel:
-        """Load a Lightning checkpoint of `lingmao.module.LingmaoLM` (a `.ckpt` of a training run).
+        """Load a checkpoint of a training run (`.ckpt`), without running any code stored in it.
 
         The tokenizer is `tokenizer`, else the first `tokenizer.json` found beside the checkpoint, in
         its run directory or in the run's `export/` folder. The data settings (context length,
         template, conversion) come from the run's exported `config.json` when there is one.
-        Checkpoints are pickles: load only your own.
         """
+        from lingmao.checkpointing import load_checkpoint_file
+
         path = Path(path)
-        if not path.is_file():
-            raise LingmaoError(f"{path}: checkpoint not found")
         run_dirs = [path.parent, path.parent.parent, path.parent.parent / "export"]
+        ckpt = load_checkpoint_file(path)
         if tokenizer is None:
             found = [d / TOKENIZER for d in run_dirs if (d / TOKENIZER).is_file()]
             if not found:
@@ -115,28 +193,28 @@ class LingmaoModel:
             tokenizer = found[0]
         tok = load_tokenizer(tokenizer)
         try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
             hparams = ckpt["hyper_parameters"]
-            vocab_size, model_cfg = int(hparams["vocab_size"]), dict(hparams["model"])
+            vocab_size, model_values = int(hparams["vocab_size"]), dict(hparams["model"])
             state = ckpt["state_dict"]
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
-            raise LingmaoError(f"{path}: not a lingmao training checkpoint ({str(exc).splitlines()[0]})") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LingmaoError(f"{path}: not a lingmao training checkpoint (no {exc})") from None
         if tok.get_vocab_size() != vocab_size:
             raise LingmaoError(
                 f"{tokenizer}: tokenizer has {tok.get_vocab_size()} tokens but the checkpoint was trained with "
                 f"{vocab_size}; pass the run's tokenizer=PATH"
             )
-        weights = {}
-        for key, value in state.items():
-            if key.startswith("model."):
-                weights[key[len("model."):].replace("_orig_mod.", "", 1)] = value
-        model = build_model(vocab_size, model_cfg)
+        weights = {
+            key[len("model."):].replace("_orig_mod.", "", 1): value
+            for key, value in state.items() if key.startswith("model.")
+        }
+        model_cfg = model_config_from_dict(model_values)
+        model = build_model(model_cfg, vocab_size)
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             raise LingmaoError(f"{path}: cannot load the weights ({str(exc).splitlines()[0]})") from None
         model.to(device).eval()
-        config: dict[str, Any] = {"vocab_size": vocab_size, "model": model_cfg, "data": {}}
+        config: dict[str, Any] = {"vocab_size": vocab_size, "model": dataclasses.asdict(model_cfg), "data": {}}
         for d in run_dirs:
             if (d / CONFIG).is_file():
                 try:
@@ -148,14 +226,16 @@ class LingmaoModel:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LingmaoModel:
-    """Load what `export_model` wrote."""
+    """Load what `export_model` wrote (finishing an export that was interrupted while moving into place)."""
     directory = Path(directory)
+    if (directory / READY).is_dir() and os.access(directory, os.W_OK):
+        finish_export(directory)
     if not (directory / CONFIG).is_file():
         raise LingmaoError(f"{directory}: not an exported lingmao model (no {CONFIG})")
     try:
         config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
         vocab_size = int(config["vocab_size"])
-        model_cfg = dict(config["model"])
+        model_values = dict(config["model"])
     except (ValueError, KeyError, TypeError) as exc:
         raise LingmaoError(f"{directory / CONFIG}: damaged model config ({exc})") from None
     tokenizer = load_tokenizer(directory / TOKENIZER)
@@ -165,8 +245,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Lin
             f"but the model was trained with {vocab_size}"
         )
     try:
-        model = build_model(vocab_size, model_cfg)
-    except (TypeError, ValueError) as exc:
+        model_cfg = model_config_from_dict(model_values)
+        model = build_model(model_cfg, vocab_size)
+    except (TypeError, ValueError, LingmaoError) as exc:
         raise LingmaoError(f"{directory / CONFIG}: damaged model config ({exc})") from None
     try:
         load_safetensors(model, str(directory / WEIGHTS), strict=True, device=str(device))
@@ -174,4 +255,5 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Lin
         first = str(exc).splitlines()[0]
         raise LingmaoError(f"{directory / WEIGHTS}: cannot load the weights ({first})") from None
     model.to(device).eval()
+    config["model"] = dataclasses.asdict(model_cfg)
     return LingmaoModel(model, tokenizer, config)

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lingmao.config import quote_unicode_overrides
+from lingmao.cli import quote_unicode_overrides, report_config_errors
 from lingmao.errors import LingmaoError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> list[str]:
     return texts
 
 
+@report_config_errors()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)

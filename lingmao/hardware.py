@@ -1,16 +1,82 @@
-"""Which device to train on, and with which precision."""
+"""Which device to train on, with which precision, in how many processes."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from lingmao.checks import check_fields, choice, number
 from lingmao.errors import LingmaoError
 
 log = logging.getLogger(__name__)
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+PRECISIONS = (
+    "auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64",
+    "transformer-engine", "transformer-engine-float16", 16, 32, 64,
+)
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+
+
+@dataclass
+class DDPConfig:
+    """Arguments of Lightning's DDPStrategy (null = Lightning's default)."""
+
+    KEY: ClassVar[str] = "hardware.ddp"
+    find_unused_parameters: bool = False
+    gradient_as_bucket_view: bool = True
+    static_graph: bool | None = None
+    process_group_backend: str | None = None  # null = nccl on GPUs, gloo on CPU
+
+
+@dataclass
+class FSDPConfig:
+    """Lightning's FSDPStrategy: one unit per Transformer block."""
+
+    KEY: ClassVar[str] = "hardware.fsdp"
+    # FULL_SHARD | SHARD_GRAD_OP (parameters whole between forward and backward) | HYBRID_SHARD (shard within a
+    # machine, replicate across machines) | NO_SHARD (plain DDP)
+    sharding_strategy: str = choice("FULL_SHARD", *FSDP_SHARDING)
+    activation_checkpointing: bool = True  # recompute activations in backward: less memory, ~1/3 more compute
+    cpu_offload: bool = False  # keep parameters in CPU memory between uses (slow; for the very largest models)
+    # full: one file that resumes on any number of GPUs; sharded: per-rank files, resumed on the same number of GPUs
+    state_dict_type: str = choice("full", "full", "sharded")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class HardwareConfig:
+    """Device, precision, processes, and what the run may take of the machine."""
+
+    KEY: ClassVar[str] = "hardware"
+    name: str = "auto"
+    accelerator: str = choice("auto", *ACCELERATORS)  # auto = cuda if present, else mps, else cpu
+    devices: Any = 1  # devices (processes) per machine: a number, "auto" or a list of device indices
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp | any Lightning strategy name
+    num_nodes: int = number(1, ge=1)
+    precision: Any = choice("auto", *PRECISIONS)  # auto: bf16-mixed / 16-mixed on CUDA, 32-true on CPU and MPS
+    gpu_memory_fraction: float | None = number(None, gt=0, le=1)  # cap this process's CUDA memory (null = no cap)
+    empty_cache_every_n_steps: int = number(0, ge=0)  # free the CUDA/MPS allocator cache every N steps (0 = never)
+    cpu_threads: int | None = number(None, ge=1)  # torch intra-op threads (null = chosen by lingmao.hardware)
+    matmul_precision: str | None = choice("high", "highest", "high", "medium")  # TF32 on Ampere+ GPUs
+    ddp: DDPConfig | None = None
+    fsdp: FSDPConfig | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        try:
+            resolve_accelerator(self.accelerator)
+        except LingmaoError as exc:
+            if self.name and self.name != self.accelerator:
+                raise LingmaoError(
+                    f"hardware={self.name} (hardware.accelerator={self.accelerator}): {str(exc).split(': ', 1)[-1]}"
+                ) from None
+            raise
 
 
 def available_accelerators() -> list[str]:
@@ -53,3 +119,11 @@ def resolve_precision(precision: str | None, accelerator: str) -> str:
     if accelerator == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def configure_process(hw: HardwareConfig) -> None:
+    """Settings of this process that the Trainer does not make: CPU threads and float32 matmul precision."""
+    if hw.cpu_threads:
+        torch.set_num_threads(hw.cpu_threads)
+    if hw.matmul_precision:
+        torch.set_float32_matmul_precision(hw.matmul_precision)

@@ -10,9 +10,43 @@ instead of adding a dense float mask.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from lingmao.checks import check_fields, choice, number
+from lingmao.errors import LingmaoError
+
+
+@dataclass
+class ModelConfig:
+    """Every model key, with the `small` size as defaults (conf/model/*.yaml choose other sizes)."""
+
+    KEY: ClassVar[str] = "model"
+    name: str = "small"
+    d_model: int = number(256, ge=1)
+    nhead: int = number(4, ge=1)
+    num_layers: int = number(4, ge=1)
+    dim_feedforward: int = number(1024, ge=1)
+    dropout: float = number(0.1, ge=0, lt=1)
+    max_len: int = number(1024, ge=1)  # longest sequence (size of the positional table)
+    tie_weights: bool = True  # share the embedding and output-head weights
+    norm_first: bool = True  # pre-LayerNorm blocks
+    activation: str = choice("gelu", "gelu", "relu")
+    compile: bool = False  # torch.compile the model's forward
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.d_model % self.nhead:
+            allowed = ""
+            if self.d_model <= 4096:
+                heads = ", ".join(str(h) for h in range(1, self.d_model + 1) if self.d_model % h == 0)
+                allowed = f"; allowed nhead: {heads}"
+            raise LingmaoError(
+                f"model.d_model={self.d_model} is not divisible by model.nhead={self.nhead}{allowed}"
+            )
 
 
 class PositionalEncoding(nn.Module):
@@ -104,3 +138,12 @@ class SimpleTransformer(nn.Module):
         if non_embedding:
             n -= self.embedding.weight.numel()
         return n
+
+
+def build_model(config: ModelConfig, vocab_size: int) -> SimpleTransformer:
+    """The model a config describes, for a vocabulary of `vocab_size` tokens."""
+    return SimpleTransformer(
+        vocab_size, d_model=config.d_model, nhead=config.nhead, num_layers=config.num_layers,
+        dim_feedforward=config.dim_feedforward, dropout=config.dropout, max_len=config.max_len,
+        tie_weights=config.tie_weights, norm_first=config.norm_first, activation=config.activation,
+    )

@@ -1,7 +1,15 @@
-"""`LingmaoLM`: the LightningModule around `SimpleTransformer`: loss, metrics, optimizer, schedule."""
+"""`LingmaoLM`: the LightningModule around the model: loss, metrics, optimizer, learning-rate schedule.
+
+The learning rate is set before every optimizer step from the config this run was started with: warm-up,
+then cosine decay to a floor, over the run's progress (steps of `trainer.max_steps`, or epochs of
+`trainer.max_epochs`, whichever ends the run first), times night mode's factor. Nothing of it is restored
+from a checkpoint, so a resumed run follows the schedule its own command describes (raising
+`trainer.max_steps` to continue a finished run stretches the cosine to the new end).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -10,63 +18,44 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from lingmao.model import SimpleTransformer
+from lingmao.callbacks.monitoring import logs_this_step
+from lingmao.model import ModelConfig, build_model
+from lingmao.optim import OptimConfig
 
-MODEL_KEYS = (
-    "d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "max_len", "tie_weights", "norm_first",
-    "activation",
-)
-
-
-class WarmupCosine:
-    """Learning-rate multiplier per optimizer step: linear warm-up, then cosine decay to a floor.
-
-    `scale` multiplies the whole curve (night mode lowers it); it is part of the scheduler state.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> None:
-        self.warmup_steps = max(0, int(warmup_steps))
-        self.total_steps = max(1, int(total_steps))
-        self.min_lr_ratio = min_lr_ratio
-        self.scale = 1.0
-
-    def base(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def __call__(self, step: int) -> float:
-        return self.base(step) * self.scale
+log = logging.getLogger(__name__)
 
 
-def logs_this_step(trainer: L.Trainer | None) -> bool:
-    """Whether the loggers write this training step. `LightningModule.log` costs about a millisecond of Python
-    on every call (Lightning moves its result store to the device each time), and only these steps' values
-    are written, so per-step metrics are logged on these steps alone."""
-    if trainer is None:
-        return True
-    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
-
-
-def build_model(vocab_size: int, model_cfg: dict[str, Any]) -> SimpleTransformer:
-    return SimpleTransformer(vocab_size, **{k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg})
+def warmup_cosine(step: int, progress: float, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up over `warmup_steps`, then cosine from 1 to `min_lr_ratio` as
+    `progress` (0..1 of the run) goes from the end of the warm-up to the end of the run."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    start = warmup_steps / total_steps if total_steps > 0 else 0.0
+    q = min(1.0, max(0.0, (progress - start) / (1.0 - start))) if start < 1 else 1.0
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
 
 
 class LingmaoLM(L.LightningModule):
-    """Causal LM training: cross-entropy over the vocabulary (padding ignored), AdamW, warm-up + cosine."""
+    """Causal LM training: cross-entropy over the vocabulary (padding ignored), AdamW, warm-up + cosine.
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int, pad_id: int = 0) -> None:
+    `model` and `optim` are the configs as plain dicts (so checkpoints hold plain data only).
+    """
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int, pad_id: int = 0,
+                 schedule: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(vocab_size, model)
-        self.optim_cfg = optim
+        self.model_config = ModelConfig(**model)
+        self.optim_config = OptimConfig(**optim)
+        self.model = build_model(self.model_config, vocab_size)
         self.pad_id = pad_id
         self.val_ppl = Perplexity(ignore_index=pad_id)
-        self.tokens_per_char: float | None = None  # of the validation file, set by train.py for val/bpc
+        self.lr_scale = 1.0  # night mode's factor
+        self.warmup_steps = self.optim_config.warmup_steps  # may be shortened for a short run (lingmao.train)
+        self.val_tokens_per_char: float | None = None  # of the validation set, for val/bpc
         # A compiled *function*, not a wrapped module: state_dict keys stay the same with compile on or off.
-        self._compiled_forward = torch.compile(self.model.forward) if model.get("compile") else None
+        self._compiled_forward = torch.compile(self.model.forward) if self.model_config.compile else None
+        self._base_lrs: list[float] = []
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self._compiled_forward is not None:
@@ -81,7 +70,7 @@ class LingmaoLM(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        if logs_this_step(self._trainer):
+        if logs_this_step(self.trainer):
             self.log("train/loss", loss)  # not prog_bar: that would copy it to the host every step
         return loss
 
@@ -90,8 +79,8 @@ class LingmaoLM(L.LightningModule):
         logits = self(x)
         loss = self.loss(logits, y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        if self.tokens_per_char:  # bits per character: comparable across tokenizers
-            self.log("val/bpc", loss / math.log(2) * self.tokens_per_char, sync_dist=True)
+        if self.val_tokens_per_char:  # bits per character: comparable across tokenizers
+            self.log("val/bpc", loss / math.log(2) * self.val_tokens_per_char, sync_dist=True)
         self.val_ppl(logits.float(), y)
         self.log("val/ppl", self.val_ppl, prog_bar=True)
 
@@ -99,8 +88,9 @@ class LingmaoLM(L.LightningModule):
         x, y = batch
         self.log("test/loss", self.loss(self(x), y), sync_dist=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
+    # -- optimizer and schedule ----------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optim_config
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():  # shared (tied) tensors are listed once
             if p.requires_grad:
@@ -109,22 +99,63 @@ class LingmaoLM(L.LightningModule):
                 (no_decay if name.endswith("bias") or "norm" in name else decay).append(p)
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": cfg["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
+                {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
             ],
-            lr=cfg["lr"],
-            betas=tuple(cfg.get("betas", (0.9, 0.95))),
-            eps=cfg.get("eps", 1e-8),
-            fused=cfg.get("fused") if torch.cuda.is_available() else None,
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+            fused=cfg.fused if torch.cuda.is_available() else None,
         )
-        schedule = WarmupCosine(cfg["warmup_steps"], self.trainer.estimated_stepping_batches, cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        self._base_lrs = [cfg.lr for _ in optimizer.param_groups]
+        return optimizer
+
+    def total_steps(self) -> float:
+        """The optimizer steps this run will take, as its limits and the current batches per epoch say."""
+        t = self.trainer
+        totals = []
+        if t.max_steps is not None and t.max_steps > 0:
+            totals.append(float(t.max_steps))
+        if t.max_epochs is not None and t.max_epochs > 0 and self._steps_per_epoch():
+            totals.append(t.max_epochs * self._steps_per_epoch())
+        return min(totals) if totals else math.inf
+
+    def _steps_per_epoch(self) -> float:
+        batches = self.trainer.num_training_batches
+        if not isinstance(batches, int | float) or not math.isfinite(batches) or batches <= 0:
+            return 0.0
+        return batches / max(1, self.trainer.accumulate_grad_batches)
+
+    def progress(self, batch_idx: int = 0) -> float:
+        """How far the run is, 0..1: by steps of `max_steps` or epochs of `max_epochs`, whichever is further."""
+        t = self.trainer
+        done = []
+        if t.max_steps is not None and t.max_steps > 0:
+            done.append(t.global_step / t.max_steps)
+        batches = t.num_training_batches
+        if t.max_epochs is not None and t.max_epochs > 0 and isinstance(batches, int) and batches > 0:
+            done.append((t.current_epoch + batch_idx / batches) / t.max_epochs)
+        return max(done) if done else 0.0
+
+    def lr_multiplier(self, batch_idx: int = 0) -> float:
+        cfg = self.optim_config
+        step = self.trainer.global_step
+        return warmup_cosine(step, self.progress(batch_idx), self.warmup_steps, self.total_steps(),
+                             cfg.min_lr_ratio) * self.lr_scale
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        factor = self.lr_multiplier(batch_idx)
+        for optimizer in self.trainer.optimizers:
+            for group, base in zip(optimizer.param_groups, self._base_lrs, strict=False):
+                group["lr"] = base * factor
+
+    def fit_warmup(self, planned_steps: float) -> None:
+        """A warm-up longer than half the run would leave the run no time to learn at full rate: use a tenth of
+        the run instead, and say so once."""
+        warmup = self.optim_config.warmup_steps
+        if planned_steps and math.isfinite(planned_steps) and warmup > planned_steps / 2:
+            self.warmup_steps = max(1, int(planned_steps // 10))
+            log.warning("optim.warmup_steps=%d is more than half of this run's %d steps: warming up over %d steps "
+                        "(a tenth of the run) instead", warmup, planned_steps, self.warmup_steps)
 
     def set_lr_scale(self, scale: float) -> None:
-        """Multiply the learning-rate curve by `scale` from now on (used by night mode)."""
-        for sched_cfg in self.trainer.lr_scheduler_configs:
-            sched = sched_cfg.scheduler
-            for fn, group, base_lr in zip(sched.lr_lambdas, sched.optimizer.param_groups, sched.base_lrs, strict=True):
-                fn.scale = scale
-                group["lr"] = base_lr * fn(sched.last_epoch)
+        """Multiply the learning-rate curve by `scale` from the next step on (used by night mode)."""
+        self.lr_scale = scale

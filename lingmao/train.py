@@ -1,215 +1,121 @@
-"""`python -m lingmao.train`: the Hydra entry point. It only wires the pieces together."""
+"""`python -m lingmao.train`: the Hydra entry point. It wires the parts together and nothing else."""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
-import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
-import numpy as np
-import torch
-from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig
 
-from lingmao import config as _config  # noqa: F401  (registers the config resolvers)
-from lingmao import distributed, monitoring, sweep
-from lingmao.callbacks import build_hardware_callbacks
-from lingmao.checkpointing import (
-    AtomicCheckpointIO,
-    TrainingInterrupted,
-    check_resume_compatible,
-    fault_tolerance_callbacks,
-    interrupts_exit_cleanly,
-)
-from lingmao.data import LMDataModule
-from lingmao.errors import LingmaoError, exit_on_user_error
+from lingmao import cli, config, distributed, report, sweep
+from lingmao.callbacks import instantiate_callbacks
+from lingmao.callbacks.monitoring import TrainingMonitor
+from lingmao.checkpointing import AtomicCheckpointIO, TrainingInterrupted, interrupts_exit_cleanly, resume_point
+from lingmao.data import build_datamodule
+from lingmao.errors import exit_on_user_error
+from lingmao.evaluate import test_result
 from lingmao.export import export_model
-from lingmao.hardware import resolve_accelerator, resolve_precision
+from lingmao.hardware import configure_process, resolve_accelerator, resolve_precision
+from lingmao.loggers import build_loggers
 from lingmao.module import LingmaoLM
-from lingmao.night import build_night_mode
-from lingmao.schema import report_config_errors, validate_config
 
 log = logging.getLogger("lingmao.train")
 
 
-def run_name(cfg: DictConfig) -> str:
-    """The run's stable name: `run_name`, else the command-line overrides, else 'default'."""
-    if cfg.get("run_name"):
-        return str(cfg.run_name)
-    try:
-        overrides = HydraConfig.get().job.override_dirname
-    except ValueError:  # not under @hydra.main (tests using compose)
-        overrides = ""
-    return sweep.short_dirname(overrides) or "default"
+@dataclass
+class TrainResult:
+    """What a run leaves: its best and last validation loss, the test figures, where its files are."""
+
+    run_dir: Path
+    global_step: int
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    test: report.TestResult | None = None
+    checkpoint: Path | None = None
+    export_dir: Path | None = None
+    finished_before: bool = False
 
 
-def default_tokenizer_path(cfg: DictConfig) -> Path:
-    """Tokenizers are keyed by the training file and the text settings, so two datasets never share one."""
-    d = cfg.data
-    h = hashlib.sha256()
-    train_file = Path(d.train_file)
-    h.update(str(train_file.resolve()).encode())
-    if train_file.is_file():
-        st = train_file.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"{d.text_key}|{d.template}|{d.convert}|{d.min_frequency}".encode())
-    return Path(cfg.paths.cache_dir) / "tokenizers" / f"{train_file.name}.{h.hexdigest()[:12]}.json"
-
-
-def build_datamodule(cfg: DictConfig, accelerator: str = "cpu") -> LMDataModule:
-    d = OmegaConf.to_container(cfg.data, resolve=True)
-    d["tokenizer_path"] = d.get("tokenizer_path") or str(default_tokenizer_path(cfg))
-    return LMDataModule(
-        **d,
-        cache_dir=str(Path(cfg.paths.cache_dir) / "tokens"),
-        pin_memory=accelerator == "cuda",
-        seed=int(cfg.seed),
-    )
-
-
-def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on the test tokens of a model that only knows training-set token frequencies
-    (add-one smoothed): the baseline a trained model must beat by far."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[np.asarray(test_tokens)].mean()))
-
-
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[L.Callback] = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every_n_steps or None,
-        ),
-    ]
-    if cfg.checkpoint_every:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=ckpt_dir, filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_top_k=-1,
-                every_n_epochs=cfg.checkpoint_every, save_on_train_epoch_end=True,
-            )
-        )
-    callbacks += [*build_hardware_callbacks(cfg.hardware), build_night_mode(cfg.night, cfg.hardware)]
-    callbacks += fault_tolerance_callbacks(ckpt_dir, save_on_interrupt=bool(cfg.save_on_interrupt))
-    callbacks += monitoring.build_monitoring(cfg, run_dir)
-    return callbacks
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list[L.Callback]) -> L.Trainer:
-    hw = cfg.hardware
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    t["enable_progress_bar"] = bool(t.get("enable_progress_bar", True)) and monitoring.is_terminal()
-    if not cfg.data.get("test_file"):
-        t["limit_val_batches"] = 0  # nothing to validate on
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=hw.devices,
-        num_nodes=hw.num_nodes,
-        strategy=distributed.build_strategy(hw),
-        use_distributed_sampler=False,  # the train sampler shards windows across ranks itself (lingmao/data.py)
-        precision=resolve_precision(hw.precision, accelerator),
-        accumulate_grad_batches=cfg.optim.accumulation_steps,
-        gradient_clip_val=cfg.optim.max_grad_norm,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        logger=monitoring.build_loggers(cfg.get("logger") or {}, run_dir),
-        default_root_dir=str(run_dir),
-        **t,
-    )
-
-
-def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    if cfg.resume_from:
-        path = Path(cfg.resume_from)
-        if not path.is_file():
-            raise LingmaoError(f"resume_from: checkpoint {path} not found")
-        return str(path)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.auto_resume and last.is_file():
-        return str(last)
-    if last.is_file():
-        log.info("auto_resume=false: starting afresh; %s stays until this run saves its own", last)
-    return None
-
-
-def train(cfg: DictConfig) -> float | None:
-    """Train, test and export one run; return the best validation loss (for sweepers)."""
-    validate_config(cfg)  # before anything is read or written: a mistake costs milliseconds
-    L.seed_everything(cfg.seed, workers=True)
-    accelerator = resolve_accelerator(cfg.hardware.accelerator)
-    if cfg.hardware.cpu_threads:
-        torch.set_num_threads(int(cfg.hardware.cpu_threads))
-    if cfg.hardware.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
-    run_dir = Path(cfg.paths.runs_dir) / run_name(cfg)
+def train(cfg: DictConfig) -> TrainResult:
+    """Train, test and export one run (see README); `cfg` is the composed config of conf/train.yaml."""
+    conf = config.validate(cfg)  # before anything is read or written: a mistake costs milliseconds
+    L.seed_everything(conf.seed, workers=True)
+    configure_process(conf.hardware)
+    accelerator = resolve_accelerator(conf.hardware.accelerator)
+    run_dir = Path(conf.paths.run_dir)
     log.info("run directory: %s", run_dir)
-    monitoring.announce_config(cfg, run_dir)
+    report.announce_config(cfg, run_dir, conf.logger.print_config)
     if (done := sweep.finished_result(run_dir, cfg)) is not None:
-        return done.best_val_loss
+        return TrainResult(run_dir, done.global_step, done.best_val_loss, done.last_val_loss, finished_before=True)
 
-    dm = build_datamodule(cfg, accelerator)
+    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=accelerator == "cuda")
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
-    vocab_size = tokenizer.get_vocab_size()
-    lm = LingmaoLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        vocab_size=vocab_size,
-        pad_id=dm.special_ids["pad"],
-    )
-    lm.tokens_per_char = monitoring.tokens_per_char(dm.val_set)  # for val/bpc
-    log.info(
-        "model: %s, %.2f M parameters (%.2f M without the embedding), vocabulary %d",
-        cfg.model.name, lm.model.num_parameters() / 1e6, lm.model.num_parameters(True) / 1e6, vocab_size,
-    )
-    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir))
-    ckpt_path = find_resume_checkpoint(cfg, run_dir)
-    if ckpt_path:
-        at = check_resume_compatible(ckpt_path, lm, tokenizer)
-        log.info("resuming from %s: epoch %s, step %s", ckpt_path, at["epoch"], at["global_step"])
-    trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path)
-    if trainer.interrupted:
-        return None
+    schedule = {"max_steps": conf.trainer.max_steps, "max_epochs": conf.trainer.max_epochs}
+    lm = LingmaoLM(dataclasses.asdict(conf.model), dataclasses.asdict(conf.optim), tokenizer.get_vocab_size(),
+                   dm.special_ids["pad"], schedule)
+    lm.val_tokens_per_char = dm.tokens_per_char("val")
+    log.info("model: %s (%s), %.2f M parameters (%.2f M without the embedding), vocabulary %d", conf.model.name,
+             getattr(conf.model, "arch", "design"), lm.model.num_parameters() / 1e6,
+             lm.model.num_parameters(True) / 1e6, tokenizer.get_vocab_size())
 
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=conf.hardware.devices, num_nodes=conf.hardware.num_nodes,
+        strategy=distributed.build_strategy(conf.hardware, getattr(lm.model, "block_types", None)),
+        use_distributed_sampler=False,  # the train sampler shards windows across ranks itself (lingmao.data)
+        precision=resolve_precision(conf.hardware.precision, accelerator),
+        accumulate_grad_batches=conf.optim.accumulation_steps, gradient_clip_val=conf.optim.max_grad_norm,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=build_loggers(conf.logger, run_dir),
+        default_root_dir=str(run_dir),
+        **{**dataclasses.asdict(conf.trainer),
+           "enable_progress_bar": any(isinstance(c, ProgressBar) for c in callbacks),
+           "limit_val_batches": conf.trainer.limit_val_batches if dm.has_val else 0},
+    )
+    ckpt_path = resume_point(conf, run_dir, lm, tokenizer)
+    lm.fit_warmup(dm.planned_steps(conf.trainer, conf.optim.accumulation_steps, trainer.world_size))
+    trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+
+    monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingMonitor))
+    if dm.has_val and trainer.limit_val_batches and monitor.last_val_step != trainer.global_step:
+        # Validation always ends a run.
+        trainer.validate(lm, datamodule=dm, verbose=False)
     val_loss = trainer.callback_metrics.get("val/loss")
-    if cfg.run_test and dm.val_set is not None:
-        results = trainer.test(lm, datamodule=dm, verbose=False)
-        test_loss = results[0]["test/loss"]
-        baseline = unigram_perplexity(dm.train_set.tokens, dm.val_set.tokens, vocab_size)
-        log.info(
-            "test loss %.4f, perplexity %.1f; unigram baseline perplexity %.1f",
-            test_loss, math.exp(test_loss), baseline,
-        )
-    target = None
-    if cfg.export and trainer.is_global_zero:
-        target = Path(cfg.model_save_dir) if cfg.model_save_dir else run_dir / "export"
-        export_model(target, lm.model, tokenizer, OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data))
-        log.info("exported the model to %s", target)
-    monitoring.log_summary(trainer, target)
-    monitor = next(c for c in trainer.callbacks if isinstance(c, monitoring.TrainingMonitor))
-    best = monitor.best.get("val/loss")
-    last = float(val_loss) if val_loss is not None else None
+    result = TrainResult(run_dir, trainer.global_step, monitor.best.get("val/loss"),
+                         float(val_loss) if val_loss is not None else None,
+                         checkpoint=run_dir / "checkpoints" / "last.ckpt")
+    if conf.run_test and dm.has_test:
+        result.test = test_result(trainer, lm, dm)
+    if conf.export and trainer.is_global_zero:
+        result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
+        export_model(result.export_dir, lm.model, tokenizer, conf.model, dataclasses.asdict(conf.data))
+        log.info("exported the model to %s", result.export_dir)
+    report.log_summary(trainer, result.export_dir, result.test)
+    if conf.show_samples and trainer.is_global_zero:
+        report.log_samples(lm.model, tokenizer, dataclasses.asdict(conf.data), conf.seed)
     if trainer.is_global_zero:
-        sweep.mark_finished(run_dir, cfg, best, last, trainer.global_step)
-    return best if best is not None else last
+        sweep.mark_finished(run_dir, cfg, result.best_val_loss, result.last_val_loss, trainer.global_step)
+    return result
 
 
-@report_config_errors
+@cli.report_config_errors(config.TrainConfig)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         with exit_on_user_error(cfg.get("debug") is True), interrupts_exit_cleanly(), distributed.single_job_command():
-            return train(cfg)
+            result = train(cfg)
     except TrainingInterrupted as exc:  # exit 130 (SIGINT) / 143 (SIGTERM): never read as a finished run
         print(exc.message(), file=sys.stderr)
         sys.exit(exc.exit_code)
+    return result.best_val_loss if result.best_val_loss is not None else result.last_val_loss
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = _config.quote_unicode_overrides(sys.argv[1:])  # data.template=「{title}」... from a shell
+    sys.argv[1:] = cli.quote_unicode_overrides(sys.argv[1:])  # data.template=「{title}」... from a shell
     main()

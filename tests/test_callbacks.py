@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import lingmao.train as train_mod
-from lingmao.callbacks import CacheCleaner, GPUMemoryCap, build_hardware_callbacks, check_memory_fraction
-from lingmao.config import CONF_DIR
+from lingmao.callbacks import instantiate_callbacks
+from lingmao.callbacks.memory import CacheCleaner, GPUMemoryCap
+from lingmao.config import CONF_DIR, compose_config, validate
 from lingmao.errors import LingmaoError
 from tests.conftest import tiny_overrides
 
@@ -32,10 +34,10 @@ def cuda_calls(monkeypatch) -> list[tuple]:
     return calls
 
 
-@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.01, 2, True, "half"])
+@pytest.mark.parametrize("value", ["0", "0.0", "-0.5", "1.01", "2", "true", "half"])
 def test_memory_fraction_outside_0_1_is_a_config_error(value):
-    with pytest.raises(LingmaoError, match=r"hardware\.gpu_memory_fraction: must be null \(no cap\) or a number"):
-        check_memory_fraction(value)
+    with pytest.raises(LingmaoError, match=r"hardware\.gpu_memory_fraction=.*allowed: null or a number in \(0, 1\]"):
+        validate(compose_config([f"hardware.gpu_memory_fraction={value}"]))
 
 
 def test_memory_cap_on_cuda(cuda_calls, caplog):
@@ -91,37 +93,70 @@ def test_cache_cleaner_is_a_no_op_on_cpu(cuda_calls):
     assert cuda_calls == [] and cleaner.calls == 0
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True, "often"])
+@pytest.mark.parametrize("value", ["-1", "1.5", "true", "often"])
 def test_bad_cache_interval_is_a_config_error(value):
-    with pytest.raises(LingmaoError, match=r"hardware\.empty_cache_every_n_steps: must be an integer >= 0"):
-        CacheCleaner(value)
+    with pytest.raises(LingmaoError, match=r"hardware\.empty_cache_every_n_steps=.*allowed: an integer >= 0"):
+        validate(compose_config([f"hardware.empty_cache_every_n_steps={value}"]))
 
 
-def compose_train(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+def test_memory_callbacks_take_the_hardware_settings():
+    cfg = compose_config(["hardware.gpu_memory_fraction=0.25", "hardware.empty_cache_every_n_steps=50"])
+    cbs = instantiate_callbacks(cfg.callbacks)
+    cap = next(c for c in cbs if isinstance(c, GPUMemoryCap))
+    cleaner = next(c for c in cbs if isinstance(c, CacheCleaner))
+    assert cap.fraction == 0.25 and cleaner.every_n_steps == 50
 
 
-def test_callbacks_only_where_configured():
-    assert build_hardware_callbacks(compose_train("hardware=cpu").hardware) == []  # off: no per-step hook
-    cbs = build_hardware_callbacks(
-        compose_train("hardware.gpu_memory_fraction=0.25", "hardware.empty_cache_every_n_steps=50").hardware
+def test_every_default_callback_is_built_from_its_yaml_file():
+    """conf/callbacks/default.yaml lists every file of the folder, and each entry builds one callback."""
+    cfg = compose_config([])
+    files = {p.stem for p in (CONF_DIR / "callbacks").glob("*.yaml")} - {"default"}
+    listed = set(OmegaConf.load(CONF_DIR / "callbacks" / "default.yaml").defaults) - {"_self_"}
+    assert listed == files
+    built = instantiate_callbacks(cfg.callbacks)
+    assert len(built) == len(cfg.callbacks) - (not is_terminal_progress(cfg))
+
+
+def is_terminal_progress(cfg) -> bool:
+    """Whether the progress entry builds a callback here (a bar on a terminal, lines in logs: both do)."""
+    return bool(cfg.trainer.enable_progress_bar)
+
+
+def test_a_callback_added_by_a_yaml_file_alone_is_built(tmp_path):
+    """A new callback is a class and a YAML file in a config folder: no edit to train.py or a schema."""
+    from hydra import compose, initialize_config_dir
+
+    conf = tmp_path / "conf"
+    (conf / "callbacks").mkdir(parents=True)
+    (conf / "callbacks" / "step_counter.yaml").write_text(
+        "step_counter:\n  _target_: tests.test_callbacks.StepCounter\n  every: 7\n"
     )
-    assert [type(c) for c in cbs] == [GPUMemoryCap, CacheCleaner]
-    assert cbs[0].fraction == 0.25 and cbs[1].every_n_steps == 50
+    (conf / "extra.yaml").write_text("defaults:\n  - train\n  - _self_\n")
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        # The project's own conf/ on the search path too, so `train` and its groups are found.
+        cfg = compose("extra", overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", "callbacks=[default,step_counter]"])
+    built = instantiate_callbacks(cfg.callbacks)
+    counters = [c for c in built if isinstance(c, StepCounter)]
+    assert len(counters) == 1 and counters[0].every == 7
+    assert any(isinstance(c, GPUMemoryCap) for c in built)  # the defaults are still there
+
+
+class StepCounter(L.Callback):
+    def __init__(self, every: int) -> None:
+        self.every = every
 
 
 def test_real_cpu_run_with_both_set(small_corpus, tmp_path, caplog, cuda_calls, monkeypatch):
     """On CPU both settings are accepted, say once that they do not apply, and call nothing."""
     caplog.set_level(logging.INFO, logger="lingmao")
     built = []
-    build = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda c, d: built.extend(build(c, d)) or built)
+    build = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: built.extend(build(c)) or built)
     train, test = small_corpus
-    cfg = compose_train(
+    cfg = compose_config([
         *tiny_overrides(tmp_path, train, test, steps=4), "hardware.gpu_memory_fraction=0.5",
         "hardware.empty_cache_every_n_steps=1", "run_test=false", "export=false", "trainer.limit_val_batches=0",
-    )
+    ])
     train_mod.train(cfg)
     assert [c for c in cuda_calls if c[0] == "cap"] == []  # (Lightning itself calls cuda.empty_cache on resume)
     cleaner = next(c for c in built if isinstance(c, CacheCleaner))
@@ -132,6 +167,6 @@ def test_real_cpu_run_with_both_set(small_corpus, tmp_path, caplog, cuda_calls, 
 
 def test_bad_fraction_stops_the_run(small_corpus, tmp_path):
     train, test = small_corpus
-    cfg = compose_train(*tiny_overrides(tmp_path, train, test), "hardware.gpu_memory_fraction=1.5")
+    cfg = compose_config([*tiny_overrides(tmp_path, train, test), "hardware.gpu_memory_fraction=1.5"])
     with pytest.raises(LingmaoError, match="hardware.gpu_memory_fraction"):
         train_mod.train(cfg)

@@ -14,25 +14,24 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import lingmao.train as train_mod
-from lingmao.config import CONF_DIR
-from lingmao.errors import LingmaoError
-from lingmao.night import (
+from lingmao.callbacks import instantiate_callbacks
+from lingmao.callbacks.night import (
+    NightConfig,
     NightMode,
-    NightSettings,
     NightWindow,
     ProcessLimits,
     ScriptedClock,
-    build_night_mode,
     make_clock,
     night_accumulation,
     night_batch_size,
     parse_time,
     real_clock,
 )
+from lingmao.config import compose_config
+from lingmao.errors import LingmaoError
 from tests.conftest import tiny_overrides
 
 T = dt.time
@@ -64,7 +63,7 @@ def test_empty_window_disables_night_mode():
     for start, end in [(None, "07:00"), ("", "07:00"), ("22:00", None), ("22:00", "22:00")]:
         window = NightWindow(parse_time(start, "night.start"), parse_time(end, "night.end"))
         assert window.empty and not window.contains(T(23, 0))
-        assert not NightMode(window, clock=lambda: T(23, 0)).enabled
+        assert not NightMode(NightConfig(start=start, end=end), clock=lambda: T(23, 0)).enabled
 
 
 def test_parse_time_errors_name_the_key():
@@ -101,18 +100,20 @@ def test_batch_and_accumulation_arithmetic():
      ("gpu_memory_fraction", -0.5), ("check_every_n_steps", -1)],
 )
 def test_settings_errors(key, value):
-    with pytest.raises(LingmaoError, match=rf"night\.{key}"):
-        NightSettings.from_config({key: value})
+    with pytest.raises(LingmaoError, match=rf"night\.{key}={value}: out of range"):
+        NightConfig(**{key: value})
+
+
+def night_callback(*overrides: str) -> NightMode:
+    cfg = compose_config(list(overrides))
+    return next(c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, NightMode))
 
 
 def test_config_groups_build_the_callback():
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        on = compose("train", overrides=["night.now=23:30"])
-        off = compose("train", overrides=["night=off"])
-    cb = build_night_mode(on.night, on.hardware)
+    cb = night_callback("night.now=23:30")
     assert cb.enabled and str(cb.window) == "22:00-07:00" and cb.clock() == T(23, 30)
-    assert cb.settings == NightSettings(0.5, 0.75, False, 0.5, 0.5, 0)
-    assert not build_night_mode(off.night, off.hardware).enabled
+    assert cb.settings == NightConfig(now="23:30")
+    assert not night_callback("night=off").enabled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,11 +159,34 @@ def test_mps_limits_use_the_mps_memory_fraction(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_all_processes_follow_rank_zero_clock():
-    """In a multi-device run the decision is broadcast from rank 0, so batch counts cannot differ."""
-    cb = NightMode(NightWindow(T(22), T(7)), clock=lambda: T(12, 0))
-    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: T(23, 0)))
-    assert cb._is_night(trainer) == (True, T(23, 0))
+def _rank_reads_clock(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: rank 0's clock says night, rank 1's says day."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        clock = (lambda: T(23, 0)) if rank == 0 else (lambda: T(12, 0))
+        cb = NightMode(NightConfig(), clock=clock)
+        strategy = DDPStrategy()  # its broadcast is torch.distributed's, over the group just made
+        night, now = cb._is_night(SimpleNamespace(strategy=strategy))
+        Path(out, f"rank{rank}").write_text(f"{night} {now.isoformat('minutes')}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_processes_follow_rank_zero_clock(tmp_path):
+    """Two real processes whose clocks disagree take rank 0's time, so their batch counts cannot differ."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_reads_clock, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank0").read_text() == "True 23:00"
+    assert (tmp_path / "rank1").read_text() == "True 23:00"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,18 +199,18 @@ class Recorder(L.Callback):
         self.rows: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        sched = trainer.lr_scheduler_configs[0].scheduler
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
-        unscaled = pl_module.optim_cfg["lr"] * sched.lr_lambdas[0].base(sched.last_epoch)
         self.rows.append({
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "batch": batch[0].shape[0],
-            "lr_scale": round(lr / unscaled, 6),
             "threads": torch.get_num_threads(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "accumulation": trainer.accumulate_grad_batches,
         })
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # The run's schedule is flat at optim.lr (no warm-up, floor 1.0): any other rate is night mode's factor.
+        self.rows[-1]["lr_scale"] = round(optimizer.param_groups[0]["lr"] / pl_module.hparams["optim"]["lr"], 6)
 
     def per_epoch(self, key: str) -> dict[int, set]:
         out: dict[int, set] = {}
@@ -211,16 +235,16 @@ def night_cfg(tmp_path: Path, small_corpus, *extra: str, steps: int = 6):
     group = [] if any(e.startswith("night=") for e in extra) else ["night=default"]
     overrides = [
         *base, *group, "hardware.cpu_threads=2", "run_test=false", "export=false", "checkpoint_every=0",
-        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", *extra,
+        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "optim.warmup_steps=0",
+        "optim.min_lr_ratio=1.0", "show_samples=false", *extra,
     ]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_config(overrides)
 
 
 def run_recorded(cfg, monkeypatch) -> Recorder:
     recorder = Recorder()
-    build = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda c, d: [*build(c, d), recorder])
+    build = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [*build(c), recorder])
     train_mod.train(cfg)
     return recorder
 
@@ -288,8 +312,8 @@ def test_limits_lifted_when_the_run_fails(small_corpus, tmp_path, monkeypatch, r
                 assert torch.get_num_threads() == 1  # night mode holds until the failure
                 raise RuntimeError("boom")
 
-    build = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda c, d: [*build(c, d), Boom()])
+    build = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [*build(c), Boom()])
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     with pytest.raises(RuntimeError, match="boom"):
         train_mod.train(night_cfg(tmp_path, small_corpus, "night.now=23:30"))
@@ -311,8 +335,8 @@ def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_
     common = ("run_name=resume", "checkpoint_every_n_steps=2")
     rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=23:30", *common, steps=4), monkeypatch)
     assert {r["lr_scale"] for r in rec.rows} == {0.75}
-    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
-    assert ckpt["lr_schedulers"][0]["lr_lambdas"][0]["scale"] == 0.75  # the checkpoint carries the night's scale
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    assert ckpt["lr_schedulers"] == []  # the rate is set from the config at every step, never restored
 
     rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=12:00", *common, steps=6), monkeypatch)
     assert [r["step"] for r in rec.rows] == [4, 5]  # resumed

@@ -17,14 +17,15 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
+from lingmao.callbacks.monitoring import logs_this_step
+from lingmao.checks import check_fields, number
 from lingmao.errors import LingmaoError
-from lingmao.module import logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -121,39 +122,29 @@ def make_clock(now: Any) -> Clock:
 # ----------------------------------------------------------------------------------------------
 # Settings and the arithmetic of a switch
 # ----------------------------------------------------------------------------------------------
-def _fraction(value: Any, key: str, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise LingmaoError(f"{key}: must be a number in (0, 1], got {value!r}")
-    return float(value)
+@dataclass
+class NightConfig:
+    """Night mode: between start and end (local time) the run slows down and leaves the machine quieter."""
 
+    KEY: ClassVar[str] = "night"
+    enabled: bool = True
+    start: str | None = "22:00"  # local time, quoted in YAML; end before start = the window crosses midnight
+    end: str | None = "07:00"  # start == end or null = an empty window: never night
+    now: Any = None  # null = the local clock; "23:30" = pretend it is 23:30; ["21:59", "22:00"] = one per check
+    batch_size_factor: float = number(0.5, gt=0, le=1)  # batch size x this (never below 1)
+    lr_factor: float = number(0.75, gt=0)
+    keep_effective_batch: bool = False  # false = fewer samples per step; true = accumulate more batches instead
+    cpu_fraction: float = number(0.5, gt=0, le=1)  # share of CPU threads (and cores, where the OS allows)
+    gpu_memory_fraction: float = number(0.5, gt=0, le=1)  # share of CUDA/MPS memory; never above the hardware cap
+    check_every_n_steps: int = number(0, ge=0)  # also check every N steps, for the thread/memory limits only
 
-@dataclass(frozen=True)
-class NightSettings:
-    batch_size_factor: float = 0.5
-    lr_factor: float = 0.75
-    keep_effective_batch: bool = False
-    cpu_fraction: float = 0.5
-    gpu_memory_fraction: float = 0.5
-    check_every_n_steps: int = 0
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.window()
+        make_clock(self.now)
 
-    @classmethod
-    def from_config(cls, night: DictConfig | dict) -> NightSettings:
-        lr = night.get("lr_factor", 0.75)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-            raise LingmaoError(f"night.lr_factor: must be a number > 0, got {lr!r}")
-        every = night.get("check_every_n_steps", 0) or 0
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise LingmaoError(f"night.check_every_n_steps: must be an integer >= 0, got {every!r}")
-        return cls(
-            batch_size_factor=_fraction(night.get("batch_size_factor", 0.5), "night.batch_size_factor"),
-            lr_factor=float(lr),
-            keep_effective_batch=bool(night.get("keep_effective_batch", False)),
-            cpu_fraction=_fraction(night.get("cpu_fraction", 0.5), "night.cpu_fraction"),
-            gpu_memory_fraction=_fraction(night.get("gpu_memory_fraction", 0.5), "night.gpu_memory_fraction"),
-            check_every_n_steps=every,
-        )
+    def window(self) -> NightWindow:
+        return NightWindow(parse_time(self.start, "night.start"), parse_time(self.end, "night.end"))
 
 
 def night_batch_size(day_batch: int, factor: float) -> int:
@@ -264,18 +255,15 @@ class NightMode(L.Callback):
     """
 
     def __init__(
-        self,
-        window: NightWindow,
-        settings: NightSettings | None = None,
-        clock: Clock = real_clock,
-        base_gpu_fraction: float | None = None,
-        enabled: bool = True,
+        self, config: NightConfig | None = None, gpu_memory_fraction: float | None = None, clock: Clock | None = None
     ) -> None:
-        self.window = window
-        self.settings = settings or NightSettings()
-        self.clock = clock
-        self.enabled = enabled and not window.empty
-        self.limits = ProcessLimits(self.settings.cpu_fraction, self.settings.gpu_memory_fraction, base_gpu_fraction)
+        """`gpu_memory_fraction`: the run's own cap (hardware.gpu_memory_fraction), which night mode never exceeds;
+        `clock`: what tells the time (default: `config.now`, else the local clock)."""
+        self.settings = config if config is not None else NightConfig()
+        self.window = self.settings.window()
+        self.clock = clock or make_clock(self.settings.now)
+        self.enabled = self.settings.enabled and not self.window.empty
+        self.limits = ProcessLimits(self.settings.cpu_fraction, self.settings.gpu_memory_fraction, gpu_memory_fraction)
         self.night = False  # batch size, accumulation and learning rate are the night's
         self.day_batch: int | None = None
         self.day_accumulation = 1
@@ -401,7 +389,7 @@ class NightMode(L.Callback):
 
 def _set_lr_scale(pl_module: L.LightningModule, scale: float) -> None:
     setter = getattr(pl_module, "set_lr_scale", None)
-    if setter is not None and pl_module._trainer is not None and pl_module.trainer.lr_scheduler_configs:
+    if setter is not None:
         setter(scale)
 
 
@@ -411,16 +399,3 @@ def _another_epoch_follows(trainer: L.Trainer) -> bool:
     if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
         return False
     return trainer.max_epochs in (None, -1) or trainer.current_epoch + 1 < trainer.max_epochs
-
-
-def build_night_mode(night: DictConfig, hardware: DictConfig | None = None) -> NightMode:
-    """The NightMode callback for the `night` config group (and the hardware GPU memory cap it must respect)."""
-    window = NightWindow(parse_time(night.get("start"), "night.start"), parse_time(night.get("end"), "night.end"))
-    base = hardware.get("gpu_memory_fraction") if hardware is not None else None
-    return NightMode(
-        window,
-        NightSettings.from_config(night),
-        clock=make_clock(night.get("now")),
-        base_gpu_fraction=_fraction(base, "hardware.gpu_memory_fraction", allow_none=True),
-        enabled=bool(night.get("enabled", False)),
-    )

@@ -1,4 +1,4 @@
-"""Lightning callbacks for the machine the run shares: a GPU memory cap and periodic allocator-cache clearing."""
+"""For the machine the run shares: a GPU memory cap and periodic allocator-cache clearing (no-ops when off)."""
 
 from __future__ import annotations
 
@@ -7,28 +7,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
-
-from lingmao.errors import LingmaoError
 
 log = logging.getLogger(__name__)
-
-
-def check_memory_fraction(value: Any, key: str = "hardware.gpu_memory_fraction") -> float | None:
-    """null -> None (no cap); a number in (0, 1] -> float; anything else is a config error."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise LingmaoError(f"{key}: must be null (no cap) or a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def check_every_n_steps(value: Any, key: str = "hardware.empty_cache_every_n_steps") -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise LingmaoError(f"{key}: must be an integer >= 0 (0 = never), got {value!r}")
-    return value
 
 
 class GPUMemoryCap(L.Callback):
@@ -38,8 +18,8 @@ class GPUMemoryCap(L.Callback):
     every device the run uses is capped. Allocations beyond the cap raise CUDA out-of-memory.
     """
 
-    def __init__(self, fraction: float | None) -> None:
-        self.fraction = check_memory_fraction(fraction)
+    def __init__(self, fraction: float | None = None) -> None:
+        self.fraction = fraction
         self._applied_to: torch.device | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -72,8 +52,8 @@ class CacheCleaner(L.Callback):
     Counted in optimizer steps (`trainer.global_step`), so with gradient accumulation it runs once per step.
     """
 
-    def __init__(self, every_n_steps: int) -> None:
-        self.every_n_steps = check_every_n_steps(every_n_steps)
+    def __init__(self, every_n_steps: int = 0) -> None:
+        self.every_n_steps = every_n_steps
         self.device_type = "cpu"
         self._active = False
         self._last_step = -1
@@ -94,15 +74,3 @@ class CacheCleaner(L.Callback):
         self._last_step = step
         empty_cache(self.device_type)
         self.calls += 1
-
-
-def build_hardware_callbacks(hardware: DictConfig) -> list[L.Callback]:
-    """The memory cap and the cache cleaner, only where configured (no per-step hook when off)."""
-    callbacks: list[L.Callback] = []
-    fraction = check_memory_fraction(hardware.get("gpu_memory_fraction"))
-    if fraction is not None:
-        callbacks.append(GPUMemoryCap(fraction))
-    every = check_every_n_steps(hardware.get("empty_cache_every_n_steps"))
-    if every:
-        callbacks.append(CacheCleaner(every))
-    return callbacks

@@ -1,0 +1,220 @@
+"""What a run measures while it trains: throughput, MFU, gradient norm, train perplexity, best validation, times.
+
+Per-step cost is a few integer additions: timings, norms and conversions to Python numbers happen only on
+logging steps (every `trainer.log_every_n_steps` optimizer steps), where Lightning synchronises with the
+device anyway.
+
+MFU = achieved model FLOP/s / the device's peak FLOP/s at the run's precision (Lightning's table,
+`get_available_flops`; `logger.peak_tflops` overrides it). A training step costs `model.flops_per_token(T)`
+FLOPs per token: 6 N + 12 L T d, the PaLM paper's count (appendix B).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import grad_norm
+
+log = logging.getLogger("lingmao.progress")
+
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": "tfloat32", "64": torch.float64}
+
+
+def logs_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether the loggers write the training step now running (`trainer.log_every_n_steps`).
+
+    `LightningModule.log` costs about a millisecond of Python per call, and only these steps' values are
+    written, so per-step metrics are logged on these steps alone."""
+    if trainer is None:
+        return True
+    return trainer.fast_dev_run or (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+
+
+def precision_dtype(precision: str, matmul_precision: str | None = None) -> torch.dtype | str:
+    """The dtype of a run's matrix multiplies, as Lightning's peak-FLOP table names it."""
+    key = str(precision).split("-")[0]
+    dtype = _PRECISION_DTYPES.get(key, torch.float32)
+    if dtype == "tfloat32" and torch.get_float32_matmul_precision() == "highest":
+        return torch.float32
+    return dtype
+
+
+class TrainingMonitor(L.Callback):
+    """Logs grad_norm (before clipping), train/ppl, tokens_per_sec, samples_per_sec and, on CUDA, achieved
+    TFLOP/s, MFU and peak memory, on logging steps only; tracks totals for the end-of-run summary.
+
+    Totals are kept in checkpoints, so they add up across resumes: `wall_seconds` and `train_seconds` count the
+    time it took to reach the saved state (work lost after the last checkpoint is not counted); training time
+    leaves out validation, plots and checkpoint writing, so it never exceeds the wall time. `session` counts the
+    processes that worked on the run; it is logged with the training metrics (the plot marks where it changes).
+    """
+
+    def __init__(self, peak_tflops: float | None = None) -> None:
+        self.peak_override = peak_tflops
+        self.peak_flops: float | None = None
+        self.flops_per_token: int | None = None
+        # Totals over the whole run, as of the last checkpoint this process restored.
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.wall_before = 0.0
+        self.session = 1
+        self.best: dict[str, float] = {}
+        self.last_val_step = -1  # the step of the latest validation
+        # This process only.
+        self.session_tokens = 0
+        self.session_seconds = 0.0
+        self.fit_started = time.perf_counter()
+        # The current logging window.
+        self._window_start = 0.0
+        self._window_tokens = 0
+        self._window_samples = 0
+        self._window_steps = 0
+        self._paused_at: float | None = None
+        self._last_step = -1
+        self._seq_len = 0
+        self._world = 1
+        self.latest: dict[str, float] = {}  # latest values, for the progress output
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        tokens, seconds = self._open_window()
+        return {
+            "tokens_seen": self.tokens_seen + tokens, "train_seconds": self.train_seconds + seconds,
+            "wall_seconds": self.wall_seconds, "session": self.session, "best": dict(self.best),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict.get("tokens_seen", 0))
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self.wall_before = float(state_dict.get("wall_seconds", 0.0))
+        self.session = int(state_dict.get("session", 1)) + 1
+        self.best = dict(state_dict.get("best", {}))
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run: earlier sessions (up to their checkpoint) and this one."""
+        return self.wall_before + time.perf_counter() - self.fit_started
+
+    @property
+    def session_wall_seconds(self) -> float:
+        return time.perf_counter() - self.fit_started
+
+    def _open_window(self) -> tuple[int, float]:
+        """Tokens and training seconds of the current, not yet logged window."""
+        if not self._window_steps:
+            return 0, 0.0
+        end = self._paused_at if self._paused_at is not None else time.perf_counter()
+        return self._window_tokens * self._world, max(0.0, end - self._window_start)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_started = time.perf_counter()
+        self._world = trainer.world_size
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            flops = get_available_flops(device, precision_dtype(trainer.precision))
+            self.peak_flops = self.peak_override * 1e12 if self.peak_override else flops
+            if self.peak_flops is None:
+                log.info("%s is not in Lightning's peak-FLOP table: logging achieved TFLOP/s without MFU "
+                         "(set logger.peak_tflops to get MFU)", torch.cuda.get_device_name(device))
+            torch.cuda.reset_peak_memory_stats(device)
+        self._last_step = trainer.global_step
+        self._window_start = self._paused_at = time.perf_counter()  # the window opens at the first batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
+        if self._paused_at is not None:  # leave out validation, plots, checkpoints written meanwhile
+            self._window_start += time.perf_counter() - self._paused_at
+            self._paused_at = None
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        if isinstance(x, torch.Tensor):  # shape only: no device access
+            self._window_samples += x.shape[0]
+            self._window_tokens += x.numel()
+            self._seq_len = x.shape[-1]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not logs_this_step(trainer):
+            return
+        total = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
+        if total is None:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: add up the squares
+            total = trainer.strategy.reduce(total.to(trainer.strategy.root_device) ** 2, reduce_op="sum") ** 0.5
+        pl_module.log("grad_norm", total, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_step:  # inside a gradient-accumulation cycle
+            return
+        self._last_step = trainer.global_step
+        self._window_steps += 1
+        if trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        device = trainer.strategy.root_device
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)  # logging syncs here anyway
+        tokens, seconds = self._open_window()
+        seconds = max(seconds, 1e-9)
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+        self.session_tokens += tokens
+        self.session_seconds += seconds
+        metrics: dict[str, float] = {
+            "tokens_per_sec": tokens / seconds,
+            "samples_per_sec": self._window_samples * self._world / seconds,
+            "session": float(self.session),
+        }
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            loss_value = float(loss)
+            metrics["train/ppl"] = math.exp(min(loss_value, 50.0))
+            self.latest["loss"] = loss_value
+        if self.flops_per_token is None and self._seq_len:
+            count = getattr(getattr(pl_module, "model", pl_module), "flops_per_token", None)
+            self.flops_per_token = count(self._seq_len) if callable(count) else None
+        if self.flops_per_token and cuda:
+            achieved = self.flops_per_token * metrics["tokens_per_sec"]
+            metrics["tflops"] = achieved / 1e12
+            if self.peak_flops:
+                metrics["mfu"] = achieved / (self.peak_flops * self._world)
+            metrics["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self.latest.update(metrics)
+        self.latest["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else 0.0
+        total = trainer.estimated_stepping_batches
+        steps_per_sec = self._window_steps / seconds
+        if math.isfinite(total) and steps_per_sec > 0:
+            self.latest["eta"] = max(0.0, (total - trainer.global_step) / steps_per_sec)
+        self._window_start = time.perf_counter()
+        self._window_tokens = self._window_samples = self._window_steps = 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tokens, seconds = self._open_window()  # the last, unlogged part of a window still counts
+        self.tokens_seen += tokens
+        self.session_tokens += tokens
+        self.train_seconds += seconds
+        self.session_seconds += seconds
+        self._window_tokens = self._window_samples = self._window_steps = 0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation is not training time: the window pauses until the next training batch.
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last_val_step = trainer.global_step
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.latest.update(metrics)
+        loss = metrics.get("val/loss")
+        if loss is not None and loss < self.best.get("val/loss", math.inf):
+            self.best = {**metrics, "step": float(trainer.global_step)}
