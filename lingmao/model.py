@@ -132,6 +132,13 @@ class SimpleTransformer(nn.Module):
         x = self.transformer(x, mask=self.causal_mask(t, idx.device), is_causal=True)
         return self.head(x)
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, 6 N + 12 L T d (PaLM, appendix B); N: the weights in matrix multiplies."""
+        layers = self.transformer.layers
+        d, ff = self.d_model, layers[0].linear1.out_features
+        n = len(layers) * (4 * d * d + 2 * d * ff) + d * self.vocab_size
+        return 6 * n + 12 * len(layers) * seq_len * d
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors counted once); optionally without the token embedding."""
         n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

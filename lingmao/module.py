@@ -72,7 +72,14 @@ class LingmaoLM(L.LightningModule):
         loss = self.loss(self(x), y)
         if logs_this_step(self.trainer):
             self.log("train/loss", loss)  # not prog_bar: that would copy it to the host every step
+            self.log_position(self.trainer.global_step + 1)
         return loss
+
+    def log_position(self, step: int) -> None:
+        """Label this row of metrics with the optimizer steps done when it was measured (and the epoch), the
+        same number the progress lines and the plot show. (Lightning's own label counts from 0.)"""
+        self.log_dict({"step": float(step), "epoch": float(self.trainer.current_epoch)}, on_step=True,
+                      on_epoch=False)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -83,10 +90,12 @@ class LingmaoLM(L.LightningModule):
             self.log("val/bpc", loss / math.log(2) * self.val_tokens_per_char, sync_dist=True)
         self.val_ppl(logits.float(), y)
         self.log("val/ppl", self.val_ppl, prog_bar=True)
+        self.log_dict({"step": float(self.trainer.global_step), "epoch": float(self.trainer.current_epoch)})
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         self.log("test/loss", self.loss(self(x), y), sync_dist=True)
+        self.log("step", float(self.trainer.global_step))
 
     # -- optimizer and schedule ----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -131,10 +131,10 @@ def run_summary(
 
 
 @rank_zero_only
-def log_summary(trainer: L.Trainer, export: str | Path | None = None, test: TestResult | None = None) -> None:
-    """Print the end-of-run table (checkpoint: the newest `last.ckpt` written)."""
-    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
-    log.info("\n%s", run_summary(trainer, ckpt, export, test))
+def log_summary(trainer: L.Trainer, checkpoint: Path | None = None, export: Path | None = None,
+                test: TestResult | None = None) -> None:
+    """Print the end-of-run table."""
+    log.info("\n%s", run_summary(trainer, checkpoint if checkpoint and checkpoint.is_file() else None, export, test))
     if test is not None and test.worse_than_unigram:
         log.warning(
             "the trained model (test perplexity %.1f) is no better than a model that knows only character "

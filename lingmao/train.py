@@ -96,7 +96,7 @@ def train(cfg: DictConfig) -> TrainResult:
         result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
         export_model(result.export_dir, lm.model, tokenizer, conf.model, dataclasses.asdict(conf.data))
         log.info("exported the model to %s", result.export_dir)
-    report.log_summary(trainer, result.export_dir, result.test)
+    report.log_summary(trainer, result.checkpoint, result.export_dir, result.test)
     if conf.show_samples and trainer.is_global_zero:
         report.log_samples(lm.model, tokenizer, dataclasses.asdict(conf.data), conf.seed)
     if trainer.is_global_zero:

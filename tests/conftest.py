@@ -49,6 +49,7 @@ def tiny_overrides(tmp_path: Path, train: Path, test: Path, steps: int = 20) -> 
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "optim.warmup_steps=5",
+        "show_samples=false",
     ]
 
 

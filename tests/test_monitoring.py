@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,23 +14,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lingmao import monitoring
-from lingmao.config import CONF_DIR
+from lingmao.callbacks.monitoring import TrainingMonitor, precision_dtype
+from lingmao.callbacks.progress import LineProgress, TerminalProgressBar, is_terminal, progress_output
+from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
-from lingmao.model import SimpleTransformer
+from lingmao.loggers import AppendingCSVLogger, LoggerConfig, build_loggers
+from lingmao.model import ModelConfig, build_model
 from lingmao.plot import read_metrics
+from lingmao.report import config_tree, format_table
 from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
 from tests.test_plot import assert_real_png
 
-TRAIN_COLUMNS = {"train/loss", "train/ppl", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec"}
+TRAIN_COLUMNS = {"train/loss", "train/ppl", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec", "session"}
 VAL_COLUMNS = {"val/loss", "val/ppl", "val/bpc"}
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs, peak table
+# FLOPs, MFU
 # ----------------------------------------------------------------------------------------------
 def test_flops_per_token_matches_a_hand_count():
     d, layers, ff, vocab, t = 64, 2, 256, 100, 32
@@ -37,32 +40,18 @@ def test_flops_per_token_matches_a_hand_count():
     # scores QK^T 2Td, weighted sum AV 2Td, feed-forward 2 * 2df; then the head 2dV.
     forward = layers * (3 * 2 * d * d + 2 * d * d + 2 * t * d + 2 * t * d + 2 * 2 * d * ff) + 2 * d * vocab
     assert forward == 225_792
+    model = build_model(ModelConfig(d_model=d, nhead=2, num_layers=layers, dim_feedforward=ff), vocab)
     # Backward costs twice the forward (gradients for inputs and for weights).
-    assert monitoring.train_flops_per_token(d, layers, ff, vocab, t) == 3 * forward == 677_376
+    assert model.flops_per_token(t) == 3 * forward == 677_376
 
 
-def test_matmul_params_are_the_models_matrices():
-    model = SimpleTransformer(vocab_size=100, d_model=64, nhead=2, num_layers=2, dim_feedforward=256)
-    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embedding"))
-    # The head is tied to the embedding, so it is not a separate parameter, but it is a matmul.
-    assert monitoring.matmul_params(64, 2, 256, 100) == matrices + 64 * 100
-    assert monitoring.model_flops_per_token(model, 32) == 677_376
-
-
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0),
-    ("NVIDIA H100 PCIe", 756.0),
-    ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0),
-    ("NVIDIA A100-SXM4-40GB", 312.0),
-    ("NVIDIA A100 80GB PCIe", 312.0),
-    ("NVIDIA L40S", 362.0),
-    ("NVIDIA L4", 121.0),
-    ("Tesla T4", 65.0),
-    ("NVIDIA GeForce GTX 1080", None),
-])
-def test_peak_table(name, peak):
-    assert monitoring.peak_tflops(name) == peak
+def test_peak_flops_follow_the_precision_of_the_run():
+    assert precision_dtype("bf16-mixed") == torch.bfloat16
+    assert precision_dtype("16-mixed") == torch.float16
+    torch.set_float32_matmul_precision("high")
+    assert precision_dtype("32-true") == "tfloat32"  # TF32 tensor cores on Ampere and later
+    torch.set_float32_matmul_precision("highest")
+    assert precision_dtype("32-true") == torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,28 +59,27 @@ def test_peak_table(name, peak):
 # ----------------------------------------------------------------------------------------------
 def test_not_a_terminal_means_line_progress(monkeypatch):
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    assert not monitoring.is_terminal()
-    monitor = monitoring.TrainingMonitor()
-    (cb,) = monitoring.progress_callbacks({"progress_every_n_steps": 7}, monitor, enabled=True)
-    assert isinstance(cb, monitoring.LineProgress) and cb.every_n_steps == 7
-    assert monitoring.progress_callbacks({}, monitor, enabled=False) == []
+    assert not is_terminal()
+    cb = progress_output(enabled=True, every_n_steps=7)
+    assert isinstance(cb, LineProgress) and cb.every_n_steps == 7
+    assert progress_output(enabled=False) is None
 
 
 def test_terminal_bar_shows_loss_lr_speed_and_eta():
-    monitor = monitoring.TrainingMonitor()
+    monitor = TrainingMonitor()
     monitor.latest.update({"loss": 3.21, "lr": 5e-4, "tokens_per_sec": 12345.6, "eta": 3725.0})
-    bar = monitoring.TerminalProgressBar(monitor)
-    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 3.5}, loggers=[])
+    bar = TerminalProgressBar()
+    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 3.5}, loggers=[], callbacks=[monitor])
     assert bar.get_metrics(trainer, None) == {
         "val/loss": 3.5, "loss": "3.210", "lr": "5.00e-04", "tok/s": "12,346", "eta": "1h02m05s"
     }
 
 
 def test_csv_logger_appends_when_a_run_resumes(tmp_path):
-    first = monitoring.AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
     first.log_metrics({"train/loss": 3.0}, step=9)
     first.save()
-    second = monitoring.AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    second = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
     second.log_metrics({"train/loss": 2.0}, step=19)
     second.log_metrics({"val/loss": 2.5}, step=19)  # a new column: the header is rewritten, rows kept
     second.save()
@@ -106,25 +94,24 @@ def test_tensorboard_is_optional():
         import tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(LingmaoError, match=r"pip install tensorboard"):
-            monitoring.build_loggers({"tensorboard": True}, Path("unused"))
+            build_loggers(LoggerConfig(tensorboard=True), Path("unused"))
     else:
-        assert len(monitoring.build_loggers({"tensorboard": True}, Path("unused"))) == 2
+        assert len(build_loggers(LoggerConfig(tensorboard=True), Path("unused"))) == 2
 
 
 def test_logger_group_composes():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        assert compose("train").logger.tensorboard is False
-        cfg = compose("train", overrides=["logger=tensorboard"])
+    assert compose_config([]).logger.tensorboard is False
+    cfg = compose_config(["logger=tensorboard"])
     assert cfg.logger.tensorboard is True and cfg.logger.plots is True
 
 
 def test_config_tree_and_table():
     cfg = OmegaConf.create({"model": {"d_model": 64, "nhead": 2}, "seed": 1, "paths": {"a": "x", "b": "${paths.a}/y"}})
-    assert monitoring.config_tree(cfg).splitlines() == [
+    assert config_tree(cfg).splitlines() == [
         "config", "├── model", "│   ├── d_model: 64", "│   └── nhead: 2", "├── seed: 1",
         "└── paths", "    ├── a: x", "    └── b: x/y",
     ]
-    table = monitoring.format_table([("steps", "10"), ("tokens seen", "1,000")], "run summary")
+    table = format_table([("steps", "10"), ("tokens seen", "1,000")], "run summary")
     assert "tokens seen   1,000" in table
 
 
@@ -143,6 +130,7 @@ def short_run(tmp_path_factory):
     args = [
         *tiny_overrides(tmp, train, test, steps=30), "run_name=mon", "trainer.log_every_n_steps=5",
         "trainer.enable_progress_bar=true", "logger.progress_every_n_steps=10", "model_save_dir=null",
+        "show_samples=true",
     ]
     proc = run_train(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,7 +144,7 @@ def test_metrics_csv_has_every_column(short_run):
     columns = set(rows[0])
     assert TRAIN_COLUMNS | VAL_COLUMNS <= columns, columns
     train = [r for r in rows if r["train/loss"]]
-    assert [int(r["step"]) for r in train] == [4, 9, 14, 19, 24, 29]  # every log_every_n_steps
+    assert [int(r["step"]) for r in train] == [5, 10, 15, 20, 25, 30]  # every log_every_n_steps
     for r in train:
         assert all(r[c] for c in TRAIN_COLUMNS), r
         assert float(r["train/ppl"]) == pytest.approx(math.exp(float(r["train/loss"])), rel=1e-4)
@@ -192,9 +180,13 @@ def test_output_is_quiet_lines_config_tree_and_summary(short_run):
     assert "├── model" in out and "│   ├── d_model: 32" in out
     assert OmegaConf.load(run_dir / "config.yaml").model.d_model == 32
     summary = out[out.index("run summary"):]
-    for row in ("steps             30", "tokens seen       7,680", "mean tokens/s", "best validation",
-                "checkpoint", "export", str(run_dir / "metrics.csv")):
-        assert row in summary, summary
+    for row in (r"steps +30 of 30", r"tokens seen +7,680", "mean tokens/s", "best validation", "checkpoint",
+                "export", re.escape(str(run_dir / "metrics.csv"))):
+        assert re.search(row, summary), summary
+    # The run ends with a sample 五绝 and 七绝 of the model it trained.
+    han = "[\u3400-\u9fff]"
+    assert re.search(f"a 五绝 from this model.*\n({han}{{5}}，{han}{{5}}。\n){{2}}", out), out[-2000:]
+    assert re.search(f"a 七绝 from this model.*\n({han}{{7}}，{han}{{7}}。\n){{2}}", out), out[-2000:]
 
 
 def test_resumed_run_appends_to_metrics_csv(short_run):
@@ -204,8 +196,9 @@ def test_resumed_run_appends_to_metrics_csv(short_run):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert rows[: len(first_rows)] == first_rows  # the first session's rows are still there
     steps = read_metrics(run_dir).series["train/loss"][0]
-    assert steps == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
     tokens = np.array(read_metrics(run_dir).series["tokens_per_sec"][1])
     assert (tokens > 0).all()
-    assert "tokens seen       10,240" in proc.stdout + proc.stderr  # counted across both sessions
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 40
+    out = proc.stdout + proc.stderr
+    assert re.search(r"tokens seen +10,240", out)  # counted across both sessions
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 40

@@ -8,14 +8,24 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
-def last_checkpoint(dirpath: str, every_n_steps: int = 0) -> ModelCheckpoint:
-    """`last.ckpt`, refreshed every `every_n_steps` optimizer steps (0 = at epoch ends) and always overwritten
-    in place: Lightning's version counter would otherwise write `last-v1.ckpt` beside a `last.ckpt` it did not
-    write in this process, and auto-resume would read the older one."""
-    return ModelCheckpoint(
-        dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_steps or None,
-        enable_version_counter=False,
-    )
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`, refreshed every `every_n_steps` optimizer steps (0 = at validations only) and always
+    overwritten in place: Lightning's version counter would otherwise write `last-v1.ckpt` beside a `last.ckpt` it
+    did not write in this process, and auto-resume would read the older one.
+
+    Never at train-epoch ends or at the end of training (`SaveOnInterrupt` saves the final step): there Lightning
+    has already counted the step for its loggers, and a run resumed from such a checkpoint labels (and drops)
+    its metrics one step off.
+    """
+
+    def __init__(self, dirpath: str, every_n_steps: int = 0) -> None:
+        super().__init__(
+            dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_steps or None,
+            enable_version_counter=False, save_on_train_epoch_end=False,
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
 
 
 class EpochCheckpoint(ModelCheckpoint):

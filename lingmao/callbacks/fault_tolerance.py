@@ -97,23 +97,30 @@ class SaveOnInterrupt(Checkpoint):
         signum = self._agreed_signal(trainer)
         if signum:
             self._stop(trainer, signum)
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            # The final step: saved here, where Lightning's own checkpoints are saved, because its loops count
+            # one more logged step when they resume from a checkpoint written after this hook.
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
+            self._save_last(trainer)  # the final epoch of an epoch-limited run
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signum = self._agreed_signal(trainer, wait=True)
         if signum:
             self._stop(trainer, signum)
         self._release()
-        self._save_last(trainer)
+        self._save_last(trainer)  # a run stopped otherwise (no-op when the final step is saved already)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._release()
 
     def _save_last(self, trainer: L.Trainer) -> Path:
-        """Write last.ckpt unless it already holds this very moment of training."""
+        """Write last.ckpt unless it already holds this optimizer step."""
         path = self.dirpath / LAST
-        saved = getattr(trainer.strategy.checkpoint_io, "saved", {})
-        progress = (trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.total.completed)
-        needed = saved.get(str(path.resolve())) != progress or not path.is_file()
+        saved = getattr(trainer.strategy.checkpoint_io, "saved", {}).get(str(path.resolve()))
+        needed = saved is None or saved[0] != trainer.global_step or not path.is_file()
         # Only rank 0 knows what it saved, and save_checkpoint holds a barrier: every rank must agree.
         if trainer.strategy.broadcast(needed, src=0):
             trainer.save_checkpoint(path, weights_only=False)

@@ -1,4 +1,5 @@
-"""What a run measures while it trains: throughput, MFU, gradient norm, train perplexity, best validation, times.
+"""What a run measures while it trains: throughput, MFU, gradient norm, learning rates, train perplexity, best
+validation, times.
 
 Per-step cost is a few integer additions: timings, norms and conversions to Python numbers happen only on
 logging steps (every `trainer.log_every_n_steps` optimizer steps), where Lightning synchronises with the
@@ -144,11 +145,18 @@ class TrainingMonitor(L.Callback):
         if not logs_this_step(trainer):
             return
         total = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
-        if total is None:
-            return
-        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: add up the squares
-            total = trainer.strategy.reduce(total.to(trainer.strategy.root_device) ** 2, reduce_op="sum") ** 0.5
-        pl_module.log("grad_norm", total, on_step=True, on_epoch=False)
+        if total is not None:
+            if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: add up the squares
+                total = trainer.strategy.reduce(total.to(trainer.strategy.root_device) ** 2, reduce_op="sum") ** 0.5
+            pl_module.log("grad_norm", total, on_step=True, on_epoch=False)
+        # The rates this very step uses, in its own row. (Lightning's LearningRateMonitor reads them in
+        # on_train_batch_start, before the module's hook of that name sets them, and labels its rows apart.)
+        groups = optimizer.param_groups
+        rates = {"lr": float(groups[0]["lr"])}
+        for i, group in enumerate(groups[1:], start=1):
+            if group["lr"] != groups[0]["lr"]:
+                rates[f"lr/{group.get('name', i)}"] = float(group["lr"])
+        pl_module.log_dict(rates, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step == self._last_step:  # inside a gradient-accumulation cycle
