@@ -24,10 +24,11 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lingmao.cli import quote_unicode_overrides, report_config_errors
 from lingmao.errors import LingmaoError, exit_on_user_error
+from lingmao.names import slug
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -144,7 +145,8 @@ def evaluate_file(
 def default_output(cfg: DictConfig) -> Path:
     name = Path(cfg.model_dir).name if cfg.get("model_dir") else Path(cfg.ckpt).stem
     stem = Path(cfg.data.test_file).name.split(".")[0]
-    return Path("outputs") / "eval" / f"{name}_{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default="outputs")
+    return Path(output_dir) / "eval" / slug(f"{name}_{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

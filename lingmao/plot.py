@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import logging
 import math
 import sys
@@ -24,7 +25,7 @@ PLOT_NAME = "plots/training.png"
 PANELS: list[tuple[str, list[tuple[str, str, str]], bool]] = [
     ("loss", [("train/loss", "train", "-"), ("val/loss", "validation", "o-")], False),
     ("validation perplexity", [("val/ppl", "validation", "o-")], True),
-    ("learning rate", [("lr", "lr", "-")], False),
+    ("learning rate", [("lr", "lr", "-"), ("lr/muon", "lr (Muon)", "-")], False),
     ("tokens / s", [("tokens_per_sec", "tokens/s", "-")], False),
 ]
 
@@ -36,6 +37,7 @@ class RunMetrics:
     name: str
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     night_spans: list[tuple[int, int]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)  # steps where a later session took over
 
 
 def _rows_without_repeats(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -77,6 +79,8 @@ def read_metrics(path: str | Path, name: str | None = None) -> RunMetrics:
             steps.append(step)
             values.append(value)
     run.night_spans = _spans(*run.series.get("night", ([], [])))
+    steps, sessions = run.series.get("session", ([], []))
+    run.resumed_at = [steps[i - 1] for i in range(1, len(sessions)) if sessions[i] != sessions[i - 1]]
     return run
 
 
@@ -98,10 +102,10 @@ def _spans(steps: list[int], flags: list[float]) -> list[tuple[int, int]]:
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
-    """Legend labels: the parts of the run names (Hydra overrides `a=1,b=2`) that differ between runs."""
-    parts = [d.name.split(",") for d in run_dirs]
+    """Legend labels: the parts of the run names (overrides `a-1__b-2`, see lingmao.names) that differ."""
+    parts = [d.name.split("__") for d in run_dirs]
     common = set.intersection(*(set(p) for p in parts)) if parts else set()
-    labels = [",".join(x for x in p if x not in common) or d.name for p, d in zip(parts, run_dirs, strict=True)]
+    labels = [" ".join(x for x in p if x not in common) or d.name for p, d in zip(parts, run_dirs, strict=True)]
     return labels
 
 
@@ -156,9 +160,11 @@ def draw(runs: list[RunMetrics], out: str | Path, title: str | None = None) -> P
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
             ax.yaxis.set_minor_formatter(FuncFormatter(_minor_number))
-        for run in runs[:1] if not several else runs:
+        for run, colour in zip(runs, colours, strict=True):
             for a, b in run.night_spans:
                 ax.axvspan(a, b, color="tab:blue", alpha=0.08, linewidth=0)
+            for step in run.resumed_at:
+                ax.axvline(step, color=colour if several else "grey", linestyle=":", linewidth=1)
         ax.set_title(panel)
         ax.grid(True, alpha=0.3)
         if not drawn:
@@ -167,9 +173,10 @@ def draw(runs: list[RunMetrics], out: str | Path, title: str | None = None) -> P
             ax.legend(fontsize=8)
     for ax in axes[2:]:
         ax.set_xlabel("optimizer step")
-    night = any(run.night_spans for run in runs)
+    notes = (["shaded: night mode"] if any(run.night_spans for run in runs) else []) + (
+        ["dotted: resumed"] if any(run.resumed_at for run in runs) else [])
     heading = title or (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
-    fig.suptitle(heading + ("   (shaded: night mode)" if night else ""))
+    fig.suptitle(heading + (f"   ({'; '.join(notes)})" if notes else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)
@@ -177,13 +184,15 @@ def draw(runs: list[RunMetrics], out: str | Path, title: str | None = None) -> P
     return out
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
-    """Draw one run into its own plots/training.png, or several runs into one figure."""
+def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, output_dir: str | Path = "outputs") -> Path:
+    """Draw one run into its own plots/training.png, or several runs into one figure (by default
+    `<output_dir>/plots/compare-<hash of the run directories>.png`)."""
     dirs = [Path(d) for d in run_dirs]
     labels = run_labels(dirs) if len(dirs) > 1 else [dirs[0].name]
     runs = [read_metrics(d, label) for d, label in zip(dirs, labels, strict=True)]
     if out is None:
-        out = dirs[0] / PLOT_NAME if len(dirs) == 1 else Path("sweep.png")
+        digest = hashlib.sha256("\n".join(sorted(str(d.resolve()) for d in dirs)).encode()).hexdigest()[:8]
+        out = dirs[0] / PLOT_NAME if len(dirs) == 1 else Path(output_dir) / "plots" / f"compare-{digest}.png"
     return draw(runs, out)
 
 
@@ -191,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lingmao.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", help="run directories (each holds a metrics.csv)")
     parser.add_argument("-o", "--output", help="PNG to write (default: RUN_DIR/plots/training.png for one run, "
-                                               "sweep.png for several)")
+                                               "OUTPUT_DIR/plots/compare-<hash>.png for several)")
+    parser.add_argument("--output-dir", default="outputs", help="where comparisons go (default: outputs)")
     args = parser.parse_args(argv)
     try:
-        path = plot_runs(args.run_dirs, args.output)
+        path = plot_runs(args.run_dirs, args.output, args.output_dir)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

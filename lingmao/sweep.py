@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
 import logging
@@ -22,38 +23,13 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from lingmao.io import atomic_write
+from lingmao.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 FINISHED_FILE = "finished.json"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
-MAX_DIRNAME = 200  # characters of a run / job directory name; longer names are cut and end in a hash
-
-
-def short_dirname(name: str, limit: int = MAX_DIRNAME) -> str:
-    """A directory name from Hydra's `override_dirname`: no '/', and at most `limit` characters.
-
-    A longer one gets file paths shortened to their last part, is cut to fit, and ends in a hash of
-    the whole, so it stays unique and stable.
-    """
-    flat = name.replace("/", "_")
-    if len(flat) <= limit:
-        return flat
-    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
-    pieces = []
-    for piece in name.split(","):
-        key, eq, value = piece.partition("=")
-        if eq and "/" in value:
-            piece = f"{key}={value.rstrip('/').rsplit('/', 1)[-1]}"
-        pieces.append(piece.replace("/", "_"))
-    return f"{','.join(pieces)[: limit - 13]}-{digest}"
-
-
-OmegaConf.register_new_resolver("lingmao.dirname", short_dirname, replace=True)
-
-
 @dataclass
 class RunResult:
     """What a finished run leaves in `finished.json`."""
@@ -164,15 +140,16 @@ def write_summary(sweep_dir: Path) -> Path | None:
     varying = [k for k in keys if len({v.get(k, "") for v in values}) > 1] or keys
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["best_val_loss"] is None, rows[i]["best_val_loss"] or 0.0))
     out = Path(sweep_dir) / SUMMARY_FILE
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "best_val_loss", "status", *varying, "overrides", "job_dir"])
-        for rank, i in enumerate(order, start=1):
-            loss = rows[i]["best_val_loss"]
-            shown = [values[i].get(k, "") for k in varying]
-            loss_text = "" if loss is None else f"{loss:.6g}"
-            overrides = " ".join(rows[i]["overrides"])
-            writer.writerow([rank, loss_text, rows[i]["status"], *shown, overrides, rows[i]["job_dir"]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["rank", "best_val_loss", "status", *varying, "overrides", "job_dir"])
+    for rank, i in enumerate(order, start=1):
+        loss = rows[i]["best_val_loss"]
+        shown = [values[i].get(k, "") for k in varying]
+        loss_text = "" if loss is None else f"{loss:.6g}"
+        overrides = " ".join(rows[i]["overrides"])
+        writer.writerow([rank, loss_text, rows[i]["status"], *shown, overrides, rows[i]["job_dir"]])
+    atomic_write_text(out, text.getvalue())
     rows = [rows[i] for i in order]
     best = rows[0]
     if best["best_val_loss"] is not None:

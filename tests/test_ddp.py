@@ -55,8 +55,8 @@ def _probe_main(args_file: str) -> None:
     args = json.loads(Path(args_file).read_text())
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=args["overrides"])
-    build_callbacks = train_mod.build_callbacks
-    train_mod.build_callbacks = lambda cfg, run_dir: [*build_callbacks(cfg, run_dir), Probe(args["out_dir"])]
+    build = train_mod.instantiate_callbacks
+    train_mod.instantiate_callbacks = lambda configs: [*build(configs), Probe(args["out_dir"])]
     train_mod.train(cfg)
 
 
@@ -121,8 +121,42 @@ def test_two_process_ddp_shards_batches_and_keeps_weights_identical(small_corpus
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*one, "run_name=ddp", f"trainer.max_steps={STEPS + 2}"])
     assert train_mod.train(cfg) is not None
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == STEPS + 2
+
+
+def test_sigterm_to_rank_zero_alone_stops_both_ranks_at_one_step(small_corpus, tmp_path):
+    """A signal to one rank (not to the process group) still stops every rank at the same step, saves once
+    and exits 143 within 30 s: the ranks agree on it at each step boundary."""
+    import time
+
+    train, test = small_corpus
+    last = tmp_path / "outputs" / "runs" / "sig" / "checkpoints" / "last.ckpt"
+    overrides = [o for o in _overrides(tmp_path, train, test) if not o.startswith("trainer.max_steps")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lingmao.train", *overrides, "run_name=sig", "trainer.max_steps=100000",
+         "checkpoint_every_n_steps=2", "trainer.val_check_interval=1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert last.is_file(), proc.communicate(timeout=5)[1][-3000:] if proc.poll() is not None else "no checkpoint"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # rank 0 only: rank 1 is its child, in the same session
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 143, err[-3000:]
+    assert took < 30, took
+    step = int(err.split(": saved step ")[1].split()[0])
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # one checkpoint, no stray temporaries
 
 
 def test_ddp_sweep_runs_each_job_once_with_all_ranks_on_its_parameters(small_corpus, tmp_path):

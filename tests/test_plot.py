@@ -74,15 +74,41 @@ def test_one_run_draws_a_real_png(tmp_path):
 
 
 def test_sweep_cli_one_figure_with_labels_from_overrides(tmp_path, capsys):
-    a = tmp_path / "model=tiny,optim.lr=0.001"
-    b = tmp_path / "model=tiny,optim.lr=0.003"
+    a = tmp_path / "model-tiny__optim.lr-0.001"
+    b = tmp_path / "model-tiny__optim.lr-0.003"
     write_metrics(a, range(4, 200, 5))
     write_metrics(b, range(4, 120, 5), offset=0.5)
-    assert plot.run_labels([a, b]) == ["optim.lr=0.001", "optim.lr=0.003"]
+    assert plot.run_labels([a, b]) == ["optim.lr-0.001", "optim.lr-0.003"]
     out = tmp_path / "sweep.png"
     assert plot.main([str(a), str(b), "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert_real_png(out)
+
+
+def test_a_comparison_goes_under_the_output_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    write_metrics(a, range(4, 50, 5))
+    write_metrics(b, range(4, 50, 5), offset=0.5)
+    assert plot.main([str(a), str(b), "--output-dir", "mine"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out.parent == Path("mine") / "plots" and out.name.startswith("compare-")
+    assert_real_png(out)
+    assert not (tmp_path / "sweep.png").exists()
+
+
+def test_resumes_are_read_from_the_session_column(tmp_path):
+    write_metrics(tmp_path / "r", range(5, 60, 5))
+    path = tmp_path / "r" / "metrics.csv"
+    rows = list(csv.DictReader(open(path)))
+    for row in rows:
+        row["session"] = "1" if int(row["step"]) <= 30 else "2"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys()])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert plot.read_metrics(path).resumed_at == [30]
+    assert_real_png(plot.plot_runs([tmp_path / "r"]))
 
 
 def test_cli_missing_run_is_one_line_exit_2(tmp_path, capsys):
@@ -97,8 +123,8 @@ def test_no_validation_yet_still_draws(tmp_path):
 
 
 @pytest.mark.parametrize("names,labels", [
-    (["a=1,b=2", "a=1,b=3"], ["b=2", "b=3"]),
-    (["default", "x=1"], ["default", "x=1"]),
+    (["a-1__b-2", "a-1__b-3"], ["b-2", "b-3"]),
+    (["default", "x-1"], ["default", "x-1"]),
     (["same", "same2"], ["same", "same2"]),
 ])
 def test_run_labels(names, labels):

@@ -1,0 +1,128 @@
+"""Names that become paths: confined under their root, plain slugs any app takes unquoted, and a run's name
+unchanged by anything that does not change what is trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lingmao import names
+from lingmao.callbacks.night import NightConfig
+from lingmao.config import PathsConfig, TrainerConfig, compose_config
+from lingmao.hardware import DDPConfig, FSDPConfig, HardwareConfig
+from lingmao.loggers import LoggerConfig
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_app(app: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"lingmao.{app}", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("../../x", "x"), ("a/b", "a-b"), ("my run", "my-run"), ("诗 v2", "诗-v2"), ("x=1,y=2", "x-1-y-2"),
+    ("..", ""), (".hidden", "hidden"),
+])
+def test_slugs_are_plain_names(given, expected):
+    assert names.slug(given) == expected
+
+
+def test_long_names_are_cut_and_stay_distinct():
+    a, b = "x" * 300, "x" * 299 + "y"
+    assert len(names.slug(a)) == names.MAX_NAME and names.slug(a) != names.slug(b)
+
+
+def test_run_name_cannot_leave_the_runs_folder(tmp_path):
+    cfg = compose_config([f"paths.output_dir={tmp_path}", "run_name=../../x"])
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    assert run_dir.parent == (tmp_path / "runs").resolve() and run_dir.name == "x"
+
+
+def test_a_file_path_becomes_its_name_and_a_hash():
+    a = names.run_name(None, ["data.train_file=/a/mine.jsonl", "model=tiny"])
+    b = names.run_name(None, ["data.train_file=/b/mine.jsonl", "model=tiny"])
+    assert a.startswith("data.train_file-mine.jsonl-") and a.endswith("__model-tiny")
+    assert a != b  # two files of the same name are two runs
+    assert "=" not in a and "," not in a and "/" not in a
+
+
+def _override_for(key: str, field: dataclasses.Field) -> str:
+    """A value of the right type for `key`, different from its default."""
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        return f"{key}={str(not default).lower()}"
+    if isinstance(default, int):
+        return f"{key}={default + 1}"
+    if isinstance(default, float):
+        return f"{key}={default / 2}"
+    return f"{key}=something"
+
+
+NOT_TRAINING: list[tuple[str, type]] = [
+    ("hardware", HardwareConfig), ("hardware.ddp", DDPConfig), ("hardware.fsdp", FSDPConfig), ("night", NightConfig),
+    ("logger", LoggerConfig), ("paths", PathsConfig),
+]
+NOT_TRAINING_KEYS = [
+    f"{group}.{f.name}" for group, cls in NOT_TRAINING for f in dataclasses.fields(cls)
+] + [
+    f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig) if f.name not in (
+        "min_epochs", "min_steps", "limit_train_batches", "deterministic", "fast_dev_run")
+] + ["run_name", "auto_resume", "resume_from", "save_on_interrupt", "checkpoint_every", "checkpoint_every_n_steps",
+     "model_save_dir", "export", "run_test", "show_samples", "debug", "model.compile", "data.num_workers",
+     "data.test_file", "hardware=cpu", "night=off", "logger=tensorboard", "callbacks.progress.every_n_steps"]
+
+
+@pytest.mark.parametrize("key", NOT_TRAINING_KEYS)
+def test_keys_that_do_not_change_training_leave_the_name_alone(key):
+    if "=" in key:
+        override = key
+    else:
+        group, _, name = key.rpartition(".")
+        cls = dict(NOT_TRAINING).get(group) or (TrainerConfig if group == "trainer" else None)
+        field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+        override = _override_for(key, field) if field else f"{key}=something"
+    assert not names.trains_differently(override)
+    assert names.run_name(None, ["model=tiny", override]) == names.run_name(None, ["model=tiny"]) == "model-tiny"
+
+
+@pytest.mark.parametrize("override", ["model=tiny", "optim.lr=3e-4", "seed=2", "data.context_length=64",
+                                      "data.train_file=x.jsonl", "data.val_file=v.jsonl", "model.arch=design"])
+def test_keys_that_change_training_name_the_run(override):
+    assert names.trains_differently(override)
+
+
+def test_the_entry_point_keeps_the_name_when_only_the_machine_changes(tmp_path):
+    proc = run_app("train", "hardware.cpu_threads=1", "night.now=12:00", "trainer.max_steps=900",
+                   f"paths.output_dir={tmp_path}", "--cfg", "job", "--resolve")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout)["paths"]["run_dir"] == f"{tmp_path}/runs/default"
+
+
+def test_a_run_dir_from_data_file_overrides_works_as_model_dir_unquoted(small_corpus, tmp_path):
+    train, test = small_corpus
+    mine = tmp_path / "my corpus" / "mine_train.jsonl"
+    mine.parent.mkdir()
+    mine.write_bytes(train.read_bytes())
+    overrides = [o for o in tiny_overrides(tmp_path, train, test, steps=4) if not o.startswith("data.train_file")]
+    proc = run_app("train", *overrides, f"data.train_file={mine}", "run_test=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert "=" not in run_dir.name and "," not in run_dir.name and " " not in run_dir.name
+    gen = run_app("generate", f"model_dir={run_dir}/export", "form=wujue", "seed=1", "device=cpu")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert len(gen.stdout.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("app", ["generate", "evaluate", "train"])
+def test_a_bad_override_is_one_line_and_exit_2_in_every_app(app):
+    proc = run_app(app, "model_dir=a=b,c")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
