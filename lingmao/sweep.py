@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass
