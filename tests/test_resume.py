@@ -10,10 +10,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import lingmao.train as train_mod
 from lingmao.checkpointing import TrainingInterrupted
+from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
 from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
 
@@ -48,14 +48,13 @@ def make_cfg(tmp_path: Path, corpus, *extra: str):
         "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "checkpoint_every_n_steps=5",
         "export=false", "run_test=false", "trainer.log_every_n_steps=1", *extra,
     ]
-    with initialize_config_dir(str(train_mod._config.CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_config(overrides)
 
 
 def run(monkeypatch, cfg, stop_at: int | None = None) -> list:
     rows: list = []
-    original = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda c, d: [Recorder(rows, stop_at), *original(c, d)])
+    original = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [Recorder(rows, stop_at), *original(c)])
     train_mod.train(cfg)
     return rows
 
@@ -83,7 +82,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(monkeypatch, tmp_path, cor
     with pytest.raises(TrainingInterrupted) as info:
         run(monkeypatch, cfg, stop_at=stop)
     assert info.value.exit_code == 143 and info.value.step == stop
-    ckpt = torch.load(info.value.checkpoint, map_location="cpu", weights_only=False)
+    ckpt = torch.load(info.value.checkpoint, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == stop
 
     resumed = run(monkeypatch, cfg)  # auto_resume=true is the default: the same command continues
@@ -122,7 +121,7 @@ def test_crash_saves_a_crash_checkpoint_and_reraises(monkeypatch, tmp_path, corp
     with pytest.raises(RuntimeError, match="boom"):
         train_mod.train(make_cfg(tmp_path, corpus, "run_name=crash", "trainer.val_check_interval=100"))
     crash = tmp_path / "outputs" / "runs" / "crash" / "checkpoints" / "crash.ckpt"
-    assert torch.load(crash, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert torch.load(crash, map_location="cpu", weights_only=True)["global_step"] == 3
     err = capsys.readouterr().err
     assert f"training crashed at step 3 (RuntimeError); saved {crash}" in err and f"resume_from={crash}" in err
 

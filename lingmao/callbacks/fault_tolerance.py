@@ -51,13 +51,14 @@ class SaveOnInterrupt(Checkpoint):
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._last_step = -1
+        self._stopping: TrainingInterrupted | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed after Lightning's own SIGTERM handler (registered before this hook), so ours wins; Lightning
         # puts the previous handlers back at teardown.
         if trainer.is_global_zero:
             remove_stale_temporaries(self.dirpath)
-        self._pending, self._last_step = None, trainer.global_step
+        self._pending, self._last_step, self._stopping = None, trainer.global_step, None
         if not can_set_signals():
             return
         self._previous = {s: signal.getsignal(s) for s in SIGNALS}
@@ -97,19 +98,27 @@ class SaveOnInterrupt(Checkpoint):
         signum = self._agreed_signal(trainer)
         if signum:
             self._stop(trainer, signum)
+            return
         if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
             # The final step: saved here, where Lightning's own checkpoints are saved, because its loops count
             # one more logged step when they resume from a checkpoint written after this hook.
             self._save_last(trainer)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._stopping is not None:
+            raise self._stopping
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
+        if self._stopping is None and trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
             self._save_last(trainer)  # the final epoch of an epoch-limited run
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        signum = self._agreed_signal(trainer, wait=True)
-        if signum:
-            self._stop(trainer, signum)
+        if self._stopping is None:
+            signum = self._agreed_signal(trainer, wait=True)
+            if signum:
+                self._stop(trainer, signum)
+        if self._stopping is not None:
+            raise self._stopping
         self._release()
         self._save_last(trainer)  # a run stopped otherwise (no-op when the final step is saved already)
 
@@ -127,12 +136,13 @@ class SaveOnInterrupt(Checkpoint):
         return path
 
     def _stop(self, trainer: L.Trainer, signum: int) -> None:
+        """Save this step, and stop before the next one: the step's metrics are written in between."""
         INTERRUPTS.handling = True
         if self._pending is not None:  # let the last agreement finish before the save's own collectives
             self._pending[0].wait()
             self._pending = None
         path = self._save_last(trainer) if self.save else None
-        raise TrainingInterrupted(signum, path, trainer.global_step)
+        self._stopping = TrainingInterrupted(signum, path, trainer.global_step)
 
 
 class ExactResume(L.Callback):

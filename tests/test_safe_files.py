@@ -1,0 +1,252 @@
+"""Files a run writes never lose or expose the user's work: exports that keep other files and survive kill -9,
+one last.ckpt that is always the newest, checkpoints that cannot run code, atomic writes with the user's umask,
+metrics that stay under their own headers across resumes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import multiprocessing
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lingmao import export_model, load_model
+from lingmao.checkpointing import load_checkpoint_file
+from lingmao.errors import LingmaoError
+from lingmao.export import READY
+from lingmao.model import ModelConfig, build_model
+from lingmao.tokenizer import train_tokenizer
+from tests.conftest import tiny_overrides
+from tests.test_interrupt import start, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0, max_len=64)
+
+
+def tiny_parts(seed: int = 0):
+    tok = train_tokenizer(["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"])
+    torch.manual_seed(seed)
+    return build_model(CFG, tok.get_vocab_size()), tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports
+# ----------------------------------------------------------------------------------------------
+def test_a_second_export_keeps_the_users_files(tmp_path):
+    target = tmp_path / "export"
+    model, tok = tiny_parts(0)
+    export_model(target, model, tok, CFG)
+    (target / "notes.txt").write_text("my notes")
+    (target / "samples").mkdir()
+    (target / "samples" / "a.txt").write_text("a poem I liked")
+    other, _ = tiny_parts(1)
+    export_model(target, other, tok, CFG)
+    assert (target / "notes.txt").read_text() == "my notes"
+    assert (target / "samples" / "a.txt").read_text() == "a poem I liked"
+    loaded = load_model(target)
+    assert torch.equal(loaded.model.head.weight, other.head.weight)  # the new weights replaced the old
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "samples",
+                                                         "tokenizer.json"]
+
+
+def test_the_api_refuses_a_folder_that_is_not_an_export(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    model, tok = tiny_parts()
+    with pytest.raises(LingmaoError, match="not a lingmao export"):
+        export_model(mine, model, tok, CFG)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+def test_the_app_keeps_a_file_put_into_its_export_folder(small_corpus, tmp_path):
+    train, test = small_corpus
+    target = tmp_path / "export"
+    args = [*tiny_overrides(tmp_path, train, test, steps=3), f"model_save_dir={target}", "run_test=false",
+            "auto_resume=false"]
+    run = [sys.executable, "-m", "lingmao.train", *args]
+    assert subprocess.run(run, capture_output=True, timeout=300, cwd=ROOT).returncode == 0
+    (target / "notes.txt").write_text("the user's notes")
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (target / "notes.txt").read_text() == "the user's notes"
+    load_model(target)
+
+
+def _export_forever(target: str, ready: multiprocessing.synchronize.Event) -> None:
+    model, tok = tiny_parts()
+    export_model(target, model, tok, CFG)
+    ready.set()
+    while True:
+        export_model(target, model, tok, CFG)
+
+
+def test_kill_9_at_random_moments_always_leaves_a_loadable_export(tmp_path):
+    target = tmp_path / "export"
+    (tmp_path / "keep").mkdir()
+    rng = random.Random(7)
+    context = multiprocessing.get_context("fork")
+    recovered = 0
+    for _ in range(20):
+        ready = context.Event()
+        proc = context.Process(target=_export_forever, args=(str(target), ready))
+        proc.start()
+        assert ready.wait(60)
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        recovered += (target / READY).is_dir()
+        loaded = load_model(target)  # finishes an export caught between commit and move, if there is one
+        assert loaded.config["model"]["d_model"] == 16
+        assert not (target / READY).exists()
+    # Stray staging folders are the next export's to remove; none of them is ever read.
+    export_model(target, *tiny_parts(), CFG)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that cannot run code
+# ----------------------------------------------------------------------------------------------
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def crafted(tmp_path) -> tuple[Path, Path]:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "crafted.ckpt"
+    model, _ = tiny_parts()
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"payload": RunsCode(marker)}}, path)
+    return path, marker
+
+
+def test_a_code_running_checkpoint_is_refused_and_runs_nothing(crafted):
+    path, marker = crafted
+    with pytest.raises(LingmaoError) as info:
+        load_checkpoint_file(path)
+    assert "refused" in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("app", ["generate", "evaluate", "train"])
+def test_every_app_refuses_it_with_one_line(crafted, app, small_corpus, tmp_path):
+    path, marker = crafted
+    train, test = small_corpus
+    args = {"generate": [f"ckpt={path}", f"tokenizer={train}"],
+            "evaluate": [f"ckpt={path}", f"data.test_file={test}"],
+            "train": [*tiny_overrides(tmp_path, train, test, steps=2), f"resume_from={path}"]}[app]
+    proc = subprocess.run([sys.executable, "-m", f"lingmao.{app}", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "refused" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# last.ckpt across stop/resume cycles, and the metrics rows
+# ----------------------------------------------------------------------------------------------
+def test_three_stop_resume_cycles_one_last_ckpt_and_aligned_metrics(tmp_path, small_corpus):
+    ckpts = tmp_path / "outputs" / "runs" / "sig" / "checkpoints"
+    last = ckpts / "last.ckpt"
+    saved = 0
+    for cycle in range(3):
+        proc = start(tmp_path, small_corpus, "trainer.log_every_n_steps=1")
+        if cycle == 0:
+            wait_for(last, proc)
+        else:  # wait for this session's own first save past the resumed step
+            deadline = time.monotonic() + 120
+            while torch.load(last, weights_only=True)["global_step"] <= saved and time.monotonic() < deadline:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-3000:]
+        if cycle:
+            assert f"resuming from {last}: epoch 0, step {saved}" in out + err, (out + err)[-3000:]
+        saved = int(err.split(": saved step ")[1].split()[0])
+        assert torch.load(last, weights_only=True)["global_step"] == saved
+        assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    # Finish with a test: every row of metrics.csv keeps its values under their own headers.
+    train, test = small_corpus
+    final = subprocess.run(
+        [sys.executable, "-m", "lingmao.train", *tiny_overrides(tmp_path, train, test, steps=saved + 4),
+         "run_name=sig", "checkpoint_every_n_steps=2", "trainer.val_check_interval=50",
+         f"model_save_dir={tmp_path / 'export'}", "trainer.log_every_n_steps=1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert final.returncode == 0, final.stderr[-3000:]
+    with open(ckpts.parent / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r["train/loss"]]
+    assert train_rows and any(r["test/loss"] for r in rows)
+    for r in train_rows:
+        assert float(r["train/ppl"]) == pytest.approx(math.exp(float(r["train/loss"])), rel=1e-4), r
+        assert 0 < float(r["lr"]) <= 1e-3 * (1 + 1e-6) and float(r["tokens_per_sec"]) > 0, r
+    assert {r["session"] for r in train_rows} == {"1.0", "2.0", "3.0", "4.0"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes and the user's umask
+# ----------------------------------------------------------------------------------------------
+def test_files_get_the_users_permissions(small_corpus, tmp_path):
+    train, test = small_corpus
+    proc = subprocess.run(
+        ["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "lingmao.train",
+         *tiny_overrides(tmp_path, train, test, steps=2), "run_name=perm", "run_test=false"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "outputs" / "runs" / "perm"
+    for path in [run_dir / "export", *(run_dir / "export").iterdir(), run_dir / "checkpoints" / "last.ckpt",
+                 run_dir / "config.yaml", run_dir / "finished.json"]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+@pytest.mark.parametrize("writer", ["config", "summary", "finished"])
+def test_a_crash_while_writing_leaves_the_old_file(tmp_path, monkeypatch, writer):
+    """Each file is written to a temporary file and renamed over the old one: a crash before the rename
+    (here: the rename itself fails) leaves the previous content whole."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from lingmao import io, report, sweep
+
+    if writer == "config":
+        path = tmp_path / "config.yaml"
+        write = lambda: report.announce_config(OmegaConf.create({"a": 2}), tmp_path, print_tree=False)  # noqa: E731
+    elif writer == "summary":
+        path = tmp_path / "summary.csv"
+        (tmp_path / "job").mkdir()
+        (tmp_path / "job" / "result.json").write_text(json.dumps(
+            {"overrides": ["a=1"], "best_val_loss": 1.0, "status": "completed", "job_dir": "job"}))
+        write = lambda: sweep.write_summary(tmp_path)  # noqa: E731
+    else:
+        path = tmp_path / "finished.json"
+        cfg = OmegaConf.create({"trainer": {"max_steps": 1, "max_epochs": -1}, "seed": 1})
+        write = lambda: sweep.mark_finished(tmp_path, cfg, 1.0, 1.0, 1)  # noqa: E731
+    path.write_text("the previous, complete file")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write()
+    assert path.read_text() == "the previous, complete file"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
