@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingmao import LingmaoError, SimpleTransformer, export_model, load_model
+from lingmao import LingmaoError, export_model, load_model
 from lingmao.data import iter_documents
 from lingmao.evaluate import evaluate_file
+from lingmao.model import ModelConfig, build_model
 from lingmao.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,9 +35,9 @@ POEMS = [
 def model_dir(tmp_path_factory) -> Path:
     tok = train_tokenizer(itertools.islice(iter_documents(CORPUS), 300))
     torch.manual_seed(0)
-    model = SimpleTransformer(tok.get_vocab_size(), **MODEL_CFG)
+    model = build_model(ModelConfig(**MODEL_CFG), tok.get_vocab_size())
     data = {"context_length": 16, "text_key": "text", "template": None, "convert": "none"}
-    return export_model(tmp_path_factory.mktemp("eval") / "model", model, tok, MODEL_CFG, data)
+    return export_model(tmp_path_factory.mktemp("eval") / "model", model, tok, ModelConfig(**MODEL_CFG), data)
 
 
 @pytest.fixture()
@@ -71,6 +72,21 @@ def test_metrics_match_a_hand_computed_forward_pass(model_dir, test_file, ctx):
     assert result["characters"] == characters
     assert result["bits_per_character"] == pytest.approx(total / math.log(2) / characters, rel=1e-5)
     assert result["windows"] == math.ceil(count / ctx)
+
+
+def test_a_model_that_knows_nothing_scores_log2_of_the_vocabulary(model_dir, test_file):
+    """Independent of the code's formula: a model whose logits are all equal spends exactly log2(V) bits on every
+    token, so its bits per character are log2(V) x tokens predicted / characters of the text."""
+    lm = load_model(model_dir)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.zero_()
+    result = evaluate_file(lm, test_file, context_length=16, batch_size=2, progress=False)
+    vocab = lm.tokenizer.get_vocab_size()
+    predicted = sum(len(t) + 2 for t in POEMS) - 1  # <bos> text <eos> per poem, all but the first token
+    characters = sum(len(t) for t in POEMS)
+    assert result["bits_per_character"] == pytest.approx(math.log2(vocab) * predicted / characters, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(vocab, rel=1e-5)
 
 
 def test_context_length_from_the_export(model_dir, test_file):
