@@ -109,7 +109,8 @@ class SaveOnInterrupt(Checkpoint):
             raise self._stopping
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._stopping is None and trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
+        final_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if self._stopping is None and final_epoch:
             self._save_last(trainer)  # the final epoch of an epoch-limited run
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
