@@ -36,6 +36,7 @@ def tiny_overrides(tmp_path: Path, train: Path, test: Path, steps: int = 20) -> 
         "model.d_model=32",
         "model.dim_feedforward=64",
         "hardware=cpu",
+        "hardware.cpu_threads=1",  # fixed: bit-for-bit repeatable (the thread tuner measures otherwise)
         "night=off",
         "data=jsonl",
         f"data.train_file={train}",

@@ -170,3 +170,45 @@ def test_bad_fraction_stops_the_run(small_corpus, tmp_path):
     cfg = compose_config([*tiny_overrides(tmp_path, train, test), "hardware.gpu_memory_fraction=1.5"])
     with pytest.raises(LingmaoError, match="hardware.gpu_memory_fraction"):
         train_mod.train(cfg)
+
+
+def test_thread_tuner_keeps_the_fastest_count_and_measures_again(monkeypatch):
+    """Steps timed on a clock where one thread is faster (a busy neighbour): the tuner settles on one thread,
+    and after `recheck_minutes` measures again and follows the machine back to two."""
+    from lingmao.callbacks import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n))
+    clock = {"now": 0.0, "cost": {2: 4.0, 1: 1.0}}
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
+    tuner = threads.ThreadTuner(fixed=None, steps_per_trial=3, recheck_minutes=1)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[])
+    tuner.setup(trainer, None, "fit")
+    tuner.on_train_start(trainer, None)
+
+    def step() -> None:
+        threads_now = set_to[-1] if set_to else 2
+        clock["now"] += clock["cost"][threads_now]
+        trainer.global_step += 1
+        tuner.on_train_batch_end(trainer, None)
+
+    for _ in range(10):
+        step()
+    assert tuner.chosen == 1 and set_to[-1] == 1
+    assert tuner.history[0] == {2: 4.0, 1: 1.0}
+    clock["cost"] = {2: 0.5, 1: 1.0}  # the neighbour has gone
+    for _ in range(80):
+        step()
+    assert tuner.chosen == 2 and len(tuner.history) >= 2 and tuner.history[-1] == {2: 0.5, 1: 1.0}
+
+
+def test_thread_tuner_stays_out_of_a_fixed_count():
+    from lingmao.callbacks.threads import ThreadTuner
+
+    tuner = ThreadTuner(fixed=2)
+    tuner.setup(fake_trainer("cpu"), None, "fit")
+    assert not tuner.active
+    cfg = compose_config(["hardware.cpu_threads=1"])
+    built = next(c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, ThreadTuner))
+    assert built.fixed == 1

@@ -1,0 +1,116 @@
+"""CPU threads chosen by measurement, so that a shared machine does not slow training to a crawl.
+
+On a CPU, torch's intra-op threads wait for each other at the end of every parallel region (OpenMP spins
+while it waits). When another busy process holds one of the cores, every region waits for the thread that
+shares a core with it: measured on 2 cores with one CPU-bound neighbour, 2 threads trained at about a quarter
+of the speed of 1 thread, while on an idle machine 2 threads are faster. No fixed number is right for both.
+
+`ThreadTuner` times a few optimizer steps at each candidate thread count (all cores of the process, half,
+one), keeps the fastest, and measures again every `recheck_minutes`, since neighbours come and go. It does
+nothing when `hardware.cpu_threads` fixes the number, off the CPU, or while night mode holds its own limit.
+Thread counts change the order of floating-point sums, so runs that must repeat bit for bit set
+`hardware.cpu_threads`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def candidate_threads(cores: int) -> list[int]:
+    """All cores, half of them, one: fewest first is not needed, they are all tried."""
+    return sorted({cores, max(1, cores // 2), 1}, reverse=True)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ThreadTuner(L.Callback):
+    """See the module docstring. `steps_per_trial` optimizer steps are timed per candidate, after one step
+    at it that is not counted (it pays for waking the threads)."""
+
+    def __init__(self, fixed: int | None = None, steps_per_trial: int = 3, recheck_minutes: float = 10.0) -> None:
+        self.fixed = fixed
+        self.steps_per_trial = max(1, int(steps_per_trial))
+        self.recheck_seconds = recheck_minutes * 60
+        self.active = False
+        self.chosen: int | None = None
+        self.history: list[dict[int, float]] = []  # per tuning round: threads -> seconds per step
+        self._queue: list[int] = []
+        self._times: dict[int, list[float]] = {}
+        self._current: int | None = None
+        self._skip = 0
+        self._last_end: float | None = None
+        self._last_step = -1
+        self._next_round = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.active = stage == "fit" and self.fixed is None and trainer.strategy.root_device.type == "cpu"
+        if self.active and len(candidate_threads(usable_cores())) < 2:
+            self.active = False  # one core: nothing to choose
+
+    def _night_holds(self, trainer: L.Trainer) -> bool:
+        return any(getattr(getattr(c, "limits", None), "active", False) for c in trainer.callbacks)
+
+    def _start_round(self) -> None:
+        self._queue = candidate_threads(usable_cores())
+        self._times = {n: [] for n in self._queue}
+        self._next_trial()
+
+    def _next_trial(self) -> None:
+        self._current = self._queue.pop(0)
+        torch.set_num_threads(self._current)
+        self._skip = 1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active:
+            self._next_round = 0.0
+            self._last_step = trainer.global_step
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_end = None  # time spent validating is not a step's
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self.active or trainer.global_step == self._last_step:  # inside an accumulation cycle
+            return
+        self._last_step = trainer.global_step
+        now = time.perf_counter()
+        took, self._last_end = (now - self._last_end if self._last_end is not None else None), now
+        if self._current is None:
+            if now >= self._next_round and not self._night_holds(trainer):
+                self._start_round()
+            return
+        if self._skip:
+            self._skip -= 1
+            return
+        if took is not None:
+            self._times[self._current].append(took)
+        if len(self._times[self._current]) < self.steps_per_trial:
+            return
+        if self._queue:
+            self._next_trial()
+            return
+        self._finish_round(now)
+
+    def _finish_round(self, now: float) -> None:
+        speeds = {n: sorted(t)[len(t) // 2] for n, t in self._times.items() if t}  # median seconds per step
+        self.chosen = min(speeds, key=speeds.get)
+        torch.set_num_threads(self.chosen)
+        self.history.append(speeds)
+        self._current = None
+        self._next_round = now + self.recheck_seconds
+        shown = ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in sorted(speeds.items(), reverse=True))
+        log.info("CPU threads: %d (per step with %s; hardware.cpu_threads=N fixes it)", self.chosen, shown)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active and self._current is not None and self.chosen is not None:
+            torch.set_num_threads(self.chosen)  # a round cut short by the end of training
