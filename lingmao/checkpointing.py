@@ -31,9 +31,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 
+from lingmao.data.tokenizer import tokenizer_fingerprint
 from lingmao.errors import LingmaoError
 from lingmao.io import atomic_write
-from lingmao.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

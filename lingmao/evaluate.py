@@ -70,7 +70,7 @@ def evaluate_file(
     started = time.perf_counter()
     data = load_or_tokenize(path, lm.tokenizer, source, cache_dir=None)
     characters = int(data.num_chars)  # counted while tokenizing: the file is read once
-    tokens = np.asarray(data.tokens, dtype=np.int64)
+    tokens = data.ids().astype(np.int64)
     full = WindowDataset(data, ctx, stride=ctx, packing=True)
     rest = len(tokens) - len(full) * ctx  # tokens from the start of the last, shorter window
     tail = None

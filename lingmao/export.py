@@ -15,10 +15,10 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from tokenizers import Tokenizer
 
+from lingmao.data.tokenizer import load_tokenizer
 from lingmao.errors import LingmaoError
 from lingmao.model import SimpleTransformer
 from lingmao.module import MODEL_KEYS, build_model
-from lingmao.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 

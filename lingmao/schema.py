@@ -19,8 +19,6 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import os
-import string
 import sys
 import zipfile
 from collections.abc import Callable, Iterable
@@ -33,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lingmao.config import CONF_DIR
+from lingmao.data import config as data_config
 from lingmao.errors import LingmaoError, traceback_wanted
 from lingmao.hardware import ACCELERATORS, resolve_accelerator
 
@@ -133,10 +132,13 @@ SCHEMA: dict[str, dict[str, Key | None]] = {
         "min_lr_ratio": _float(0, 1), "max_grad_norm": _float(0, nullable=True, low_open=True),
         "accumulation_steps": _int(1), "fused": Key((bool,), nullable=True),
     },
-    "data": {
-        "name": STR, "train_file": STR, "test_file": OPT_STR, "tokenizer_path": OPT_STR, "context_length": _int(1),
+    "data": {  # train/val/test_file: a path, directory or glob, or a list of them (lingmao/data/reading.py)
+        "name": STR, "train_file": Key((str, list)), "val_file": Key((str, list), nullable=True),
+        "val_fraction": _float(0, 1, high_open=True), "test_file": Key((str, list), nullable=True),
+        "tokenizer_path": OPT_STR, "context_length": _int(1),
         "batch_size": _int(1), "stride": _int(1, nullable=True), "eval_stride": _int(1, nullable=True),
-        "packing": BOOL, "text_key": STR, "template": OPT_STR, "convert": _choice("none", "t2s", "s2t"),
+        "packing": BOOL, "text_key": STR, "template": OPT_STR, "txt_mode": _choice("block", "file"),
+        "convert": _choice("none", "t2s", "s2t"),
         "on_bad_line": _choice("error", "skip"), "min_frequency": _int(1), "num_workers": _int(0),
     },
     "hardware": {
@@ -375,9 +377,7 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     betas = optim.get("betas")
     if betas is not None and (len(betas) != 2 or not all(_is_a(b, float) and 0 <= b < 1 for b in betas)):
         out.append(f"optim.betas={_show(betas)}: allowed: a list of two numbers in [0, 1), e.g. [0.9, 0.95]")
-    template = data.get("template")
-    if template:
-        out.extend(_template_problems(template))
+    out.extend(data_config.rule_problems(data))
     out.extend(_night_problems(night))
     interval = trainer.get("val_check_interval")
     if isinstance(interval, float) and interval > 1:
@@ -407,37 +407,11 @@ def _night_problems(night: dict[str, Any]) -> list[str]:
     return out
 
 
-def _template_problems(template: str) -> list[str]:
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        return [f"data.template={template!r}: not a valid template ({exc}); write fields as {{title}}"]
-    if any(f == "" or f.split(".")[0].split("[")[0].isdigit() for f in fields):
-        return [f"data.template={template!r}: use named fields such as {{title}} and {{text}}, not {{}} or {{0}}"]
-    return []
-
-
 def _file_problems(v: dict[str, Any]) -> list[str]:
     """Files the config names: they must exist as the right kind of thing. Nothing is opened for reading
     except the first bytes of resume_from."""
-    out: list[str] = []
     data = v.get("data", {})
-    for key in ("train_file", "test_file"):
-        name = data.get(key)
-        if name:
-            path = Path(name)
-            if not path.exists():
-                where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-                out.append(f"data.{key}: {path}: file not found{where}")
-            elif path.is_dir():
-                out.append(f"data.{key}: {path}: is a directory, expected a .jsonl or .jsonl.gz file")
-            elif not os.access(path, os.R_OK):
-                out.append(f"data.{key}: {path}: permission denied")
-            elif path.stat().st_size == 0:
-                out.append(f"data.{key}: {path}: the file is empty")
-    tok = data.get("tokenizer_path")
-    if tok and Path(tok).is_dir():
-        out.append(f"data.tokenizer_path: {tok}: is a directory, expected a tokenizer.json file (or a new path)")
+    out: list[str] = data_config.file_problems(data)  # the data package checks the files it will read
     resume = v.get("resume_from")
     if resume:
         problem = checkpoint_problem(Path(resume))
@@ -446,7 +420,10 @@ def _file_problems(v: dict[str, Any]) -> list[str]:
     save_dir = v.get("model_save_dir")
     if save_dir:
         keep = {f"paths.{k}": p for k, p in v.get("paths", {}).items() if isinstance(p, str)}
-        keep.update({f"data.{k}": data[k] for k in ("train_file", "test_file", "tokenizer_path") if data.get(k)})
+        for k in ("train_file", "val_file", "test_file", "tokenizer_path"):
+            names = data.get(k) or []
+            for i, name in enumerate([names] if isinstance(names, str) else names):
+                keep[f"data.{k}" + (f"[{i}]" if not isinstance(names, str) else "")] = str(name)
         keep["the current directory"] = "."
         problem = export_dir_problem(Path(save_dir), keep)
         if problem:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import sys
@@ -26,7 +25,7 @@ from lingmao.checkpointing import (
     fault_tolerance_callbacks,
     interrupts_exit_cleanly,
 )
-from lingmao.data import LMDataModule
+from lingmao.data import build_datamodule
 from lingmao.errors import LingmaoError, exit_on_user_error
 from lingmao.export import export_model
 from lingmao.hardware import resolve_accelerator, resolve_precision
@@ -48,36 +47,13 @@ def run_name(cfg: DictConfig) -> str:
     return sweep.short_dirname(overrides) or "default"
 
 
-def default_tokenizer_path(cfg: DictConfig) -> Path:
-    """Tokenizers are keyed by the training file and the text settings, so two datasets never share one."""
-    d = cfg.data
-    h = hashlib.sha256()
-    train_file = Path(d.train_file)
-    h.update(str(train_file.resolve()).encode())
-    if train_file.is_file():
-        st = train_file.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"{d.text_key}|{d.template}|{d.convert}|{d.min_frequency}".encode())
-    return Path(cfg.paths.cache_dir) / "tokenizers" / f"{train_file.name}.{h.hexdigest()[:12]}.json"
-
-
-def build_datamodule(cfg: DictConfig, accelerator: str = "cpu") -> LMDataModule:
-    d = OmegaConf.to_container(cfg.data, resolve=True)
-    d["tokenizer_path"] = d.get("tokenizer_path") or str(default_tokenizer_path(cfg))
-    return LMDataModule(
-        **d,
-        cache_dir=str(Path(cfg.paths.cache_dir) / "tokens"),
-        pin_memory=accelerator == "cuda",
-        seed=int(cfg.seed),
-    )
-
-
-def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
+def unigram_perplexity(train_counts: np.ndarray, test_counts: np.ndarray) -> float:
     """Perplexity on the test tokens of a model that only knows training-set token frequencies
-    (add-one smoothed): the baseline a trained model must beat by far."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    (add-one smoothed): the baseline a trained model must beat by far. Arguments: counts per token id."""
+    counts = np.asarray(train_counts, dtype=np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[np.asarray(test_tokens)].mean()))
+    test = np.asarray(test_counts, dtype=np.float64)
+    return float(math.exp(-(test * logp[: len(test)]).sum() / test.sum()))
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
@@ -100,18 +76,19 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, accelerator: str, callbacks: list[L.Callback],
+                  validate: bool = True) -> L.Trainer:
     hw = cfg.hardware
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["enable_progress_bar"] = bool(t.get("enable_progress_bar", True)) and monitoring.is_terminal()
-    if not cfg.data.get("test_file"):
+    if not validate:
         t["limit_val_batches"] = 0  # nothing to validate on
     return L.Trainer(
         accelerator=accelerator,
         devices=hw.devices,
         num_nodes=hw.num_nodes,
         strategy=distributed.build_strategy(hw),
-        use_distributed_sampler=False,  # the train sampler shards windows across ranks itself (lingmao/data.py)
+        use_distributed_sampler=False,  # the train sampler shards windows across ranks itself (data/windows.py)
         precision=resolve_precision(hw.precision, accelerator),
         accumulate_grad_batches=cfg.optim.accumulation_steps,
         gradient_clip_val=cfg.optim.max_grad_norm,
@@ -152,7 +129,7 @@ def train(cfg: DictConfig) -> float | None:
     if (done := sweep.finished_result(run_dir, cfg)) is not None:
         return done.best_val_loss
 
-    dm = build_datamodule(cfg, accelerator)
+    dm = build_datamodule(cfg.data, cfg.paths.cache_dir, seed=int(cfg.seed), pin_memory=accelerator == "cuda")
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     vocab_size = tokenizer.get_vocab_size()
@@ -162,12 +139,12 @@ def train(cfg: DictConfig) -> float | None:
         vocab_size=vocab_size,
         pad_id=dm.special_ids["pad"],
     )
-    lm.tokens_per_char = monitoring.tokens_per_char(dm.val_set)  # for val/bpc
+    lm.tokens_per_char = dm.val_set.tokens_per_char if dm.val_set is not None else None  # for val/bpc
     log.info(
         "model: %s, %.2f M parameters (%.2f M without the embedding), vocabulary %d",
         cfg.model.name, lm.model.num_parameters() / 1e6, lm.model.num_parameters(True) / 1e6, vocab_size,
     )
-    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir))
+    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir), validate=dm.val_set is not None)
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt_path:
         at = check_resume_compatible(ckpt_path, lm, tokenizer)
@@ -177,10 +154,10 @@ def train(cfg: DictConfig) -> float | None:
         return None
 
     val_loss = trainer.callback_metrics.get("val/loss")
-    if cfg.run_test and dm.val_set is not None:
+    if cfg.run_test and cfg.data.get("test_file"):
         results = trainer.test(lm, datamodule=dm, verbose=False)
         test_loss = results[0]["test/loss"]
-        baseline = unigram_perplexity(dm.train_set.tokens, dm.val_set.tokens, vocab_size)
+        baseline = unigram_perplexity(dm.train_set.token_counts(vocab_size), dm.test_set.token_counts(vocab_size))
         log.info(
             "test loss %.4f, perplexity %.1f; unigram baseline perplexity %.1f",
             test_loss, math.exp(test_loss), baseline,
