@@ -356,10 +356,10 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _log_built(path: Path, meta: dict[str, Any]) -> None:
+def _log_built(path: Path, meta: dict[str, Any], level: int = logging.INFO) -> None:
     size = path.stat().st_size
-    log.info("tokenized %s: %d documents, %d tokens in %.1f s (%.1f MB/s)", path, meta["documents"],
-             meta["tokens"], meta["seconds"], size / 1e6 / max(meta["seconds"], 1e-9))
+    log.log(level, "tokenized %s: %d documents, %d tokens in %.1f s (%.1f MB/s)", path, meta["documents"],
+            meta["tokens"], meta["seconds"], size / 1e6 / max(meta["seconds"], 1e-9))
 
 
 def open_caches(paths: Sequence[Path], source: TextSource, cache_dir: str | Path | None,
@@ -403,22 +403,29 @@ def _build_missing(missing: list[tuple[Path, Path]], source: TextSource, tokeniz
     # A bar in MB/s on a terminal (tqdm turns itself off when stderr is not one); .gz counts compressed bytes.
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {name}", disable=None, leave=False,
                mininterval=0.5)
+    level = logging.INFO if len(missing) == 1 else logging.DEBUG  # many files: one line for all of them
+    started = time.perf_counter()
     try:
         if workers > 0 and len(missing) > 1:
-            _build_parallel(missing, source, tokenizer, workers, bar)
+            _build_parallel(missing, source, tokenizer, workers, bar, level)
         else:
             before = 0
             for path, folder in missing:
                 meta = _build_into(path, source, folder, tokenizer, lambda pos, b=before: bar.update(b + pos - bar.n))
                 before += path.stat().st_size
                 bar.update(before - bar.n)
-                _log_built(path, meta)
+                _log_built(path, meta, level)
     finally:
         bar.close()
+    if len(missing) > 1:
+        seconds = time.perf_counter() - started
+        processes = min(workers, len(missing)) if workers else 1
+        log.info("tokenized %s: %.1f MB in %.1f s (%.1f MB/s, %d process%s)", name, total / 1e6, seconds,
+                 total / 1e6 / max(seconds, 1e-9), processes, "es" if processes > 1 else "")
 
 
 def _build_parallel(missing: list[tuple[Path, Path]], source: TextSource, tokenizer: Tokenizer | None,
-                    workers: int, bar: tqdm) -> None:
+                    workers: int, bar: tqdm, level: int) -> None:
     ctx = _pool_context()
     counter = ctx.Value("q", 0)
     with ProcessPoolExecutor(min(workers, len(missing)), mp_context=ctx, initializer=_init_worker,
@@ -432,7 +439,7 @@ def _build_parallel(missing: list[tuple[Path, Path]], source: TextSource, tokeni
             for future in done:
                 path = pending.pop(future)
                 try:
-                    _log_built(path, future.result())
+                    _log_built(path, future.result(), level)
                 except BaseException:
                     for other in pending:
                         other.cancel()
