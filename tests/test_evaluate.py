@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from lingmao import LingmaoError, SimpleTransformer, export_model, load_model
 from lingmao.data import iter_documents
-from lingmao.evaluate import evaluate_file
 from lingmao.data.tokenizer import train_tokenizer
+from lingmao.evaluate import evaluate_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
