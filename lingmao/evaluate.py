@@ -1,6 +1,7 @@
 """`python -m lingmao.evaluate model_dir=DIR data.test_file=FILE`: loss, perplexity and bits per character.
 
-The file is tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
+`data.test_file` takes what training's inputs take: a path, a list, a directory or a glob. The text is
+tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
 non-overlapping windows of the model's context length; the last, shorter window is scored too,
 so every token but the first `<bos>` is predicted exactly once.
 
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -35,7 +35,7 @@ IGNORE = -100
 
 def evaluate_file(
     lm: Any,
-    path: str | Path,
+    path: Any,
     *,
     context_length: int | None = None,
     batch_size: int = 16,
@@ -43,12 +43,14 @@ def evaluate_file(
     template: str | None = None,
     convert: str | None = None,
     on_bad_line: str = "error",
+    txt_mode: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score a JSONL file with a loaded model; returns the metrics as a dict (see the module doc)."""
+    """Score a file (or a list, a directory or a glob of them: read as one file joined in order) with a loaded
+    model; returns the metrics as a dict (see the module doc)."""
     from tqdm.auto import tqdm
 
-    from lingmao.data import TextSource, WindowDataset, load_or_tokenize
+    from lingmao.data import TextSource, WindowDataset, input_files, tokenize_files
 
     data_cfg = (lm.config or {}).get("data") or {}
     model = lm.model
@@ -65,13 +67,14 @@ def evaluate_file(
         template if template is not None else data_cfg.get("template"),
         convert or data_cfg.get("convert") or "none",
         on_bad_line,
+        txt_mode or data_cfg.get("txt_mode") or "block",
     )
-    path = Path(path)
+    files = input_files(path, "data.test_file")
+    name = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
     started = time.perf_counter()
-    data = load_or_tokenize(path, lm.tokenizer, source, cache_dir=None)
-    characters = int(data.num_chars)  # counted while tokenizing: the file is read once
-    tokens = data.ids().astype(np.int64)
-    full = WindowDataset(data, ctx, stride=ctx, packing=True)
+    full = WindowDataset(tokenize_files(files, lm.tokenizer, source, cache_dir=None), ctx, stride=ctx, packing=True)
+    characters = full.num_chars  # counted while tokenizing: the files are read once
+    tokens = full.tokens(0, full.num_tokens)
     rest = len(tokens) - len(full) * ctx  # tokens from the start of the last, shorter window
     tail = None
     if rest >= 2:
@@ -82,7 +85,7 @@ def evaluate_file(
         tail = (x, y)
     windows = len(full) + (tail is not None)
     if windows == 0:
-        raise LingmaoError(f"{path}: too little text to score (fewer than 2 tokens)")
+        raise LingmaoError(f"{name}: too little text to score (fewer than 2 tokens)")
 
     def batches():
         for s in range(0, len(full), batch_size):
@@ -93,7 +96,8 @@ def evaluate_file(
 
     device = next(model.parameters()).device
     total_nats, predicted = 0.0, 0
-    bar = tqdm(total=windows, desc=f"scoring {path.name}", unit="window", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=windows, desc=f"scoring {Path(str(name)).name}", unit="window", disable=not progress,
+               file=sys.stderr)
     with torch.inference_mode():
         for x, y in batches():
             x, y = x.to(device), y.to(device)
@@ -106,13 +110,13 @@ def evaluate_file(
     bar.close()
     loss = total_nats / predicted
     return {
-        "test_file": str(path),
+        "test_file": str(name),
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_character": total_nats / math.log(2) / max(characters, 1),
         "bits_per_token": loss / math.log(2),
         "total_nats": total_nats,
-        "documents": int(data.num_documents),
+        "documents": full.num_documents,
         "tokens": int(len(tokens)),
         "predicted_tokens": predicted,
         "characters": characters,
@@ -124,7 +128,8 @@ def evaluate_file(
 
 def default_output(cfg: DictConfig) -> Path:
     name = Path(cfg.model_dir).name if cfg.get("model_dir") else Path(cfg.ckpt).stem
-    stem = Path(cfg.data.test_file).name.split(".")[0]
+    first = cfg.data.test_file if isinstance(cfg.data.test_file, str) else cfg.data.test_file[0]
+    stem = Path(first).name.split(".")[0] or "files"
     return Path("outputs") / "eval" / f"{name}_{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
@@ -133,12 +138,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lingmao.io import atomic_write_bytes
 
     if not cfg.data.get("test_file"):
-        raise LingmaoError("data.test_file=FILE is required (a JSONL or JSONL.gz file to score)")
+        raise LingmaoError("data.test_file=FILE is required (a .jsonl, .jsonl.gz or .txt file, a list, a folder "
+                           "or a glob of them, to score)")
     lm = load_for_inference(cfg)
     results = evaluate_file(
         lm, cfg.data.test_file, context_length=cfg.data.context_length, batch_size=int(cfg.batch_size),
         text_key=cfg.data.text_key, template=cfg.data.template, convert=cfg.data.convert,
-        on_bad_line=cfg.data.on_bad_line,
+        on_bad_line=cfg.data.on_bad_line, txt_mode=cfg.data.get("txt_mode"),
     )
     results["model"] = str(cfg.model_dir or cfg.ckpt)
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg)

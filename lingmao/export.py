@@ -39,7 +39,7 @@ def export_model(
         "format": "lingmao-1",
         "vocab_size": model.vocab_size,
         "model": {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg},
-        "data": {k: data_cfg.get(k) for k in ("context_length", "text_key", "template", "convert")},
+        "data": {k: data_cfg.get(k) for k in ("context_length", "text_key", "template", "convert", "txt_mode")},
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     old = directory.with_name(f".{directory.name}.old")

@@ -6,7 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lingmao.data import LMDataModule, TextSource, TokenFile, WindowDataset, iter_documents, load_or_tokenize
+from lingmao.data import (
+    DataConfig,
+    LMDataModule,
+    TextSource,
+    TokenFile,
+    WindowDataset,
+    iter_documents,
+    load_or_tokenize,
+)
 from lingmao.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from lingmao.errors import LingmaoError
 
@@ -159,3 +167,45 @@ def test_zero_windows_is_a_clear_error(tmp_path):
     dm = LMDataModule(str(f), None, str(tmp_path / "tok.json"), context_length=64, batch_size=1)
     with pytest.raises(LingmaoError, match=r"short.jsonl.*no window.*1 documents, 7 tokens"):
         dm.setup("fit")
+
+
+# ----------------------------------------------------------------------------------------------
+# DataConfig: the data keys, their ranges, the checks of the files they name
+# ----------------------------------------------------------------------------------------------
+def test_data_config_lists_every_key_of_the_data_group(conf_dir):
+    import dataclasses
+
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    for option in sorted((conf_dir / "data").glob("*.yaml")):
+        keys = set(yaml.safe_load(option.read_text(encoding="utf-8")))
+        assert keys == fields, f"{option.name}: {sorted(keys ^ fields)}"
+
+
+def test_data_config_from_the_composed_config_and_its_checks(conf_dir, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        cfg = compose("train")
+    d = DataConfig.of(cfg.data)
+    assert d.val_fraction == 0.02 and d.txt_mode == "block" and Path(d.train_file).is_file()
+    d.check()  # the bundled corpus is there
+    with pytest.raises(LingmaoError, match=r"^data.val_fraction=1.0: out of range; allowed: a number in \[0, 1\)$"):
+        DataConfig(train_file="a.jsonl", val_fraction=1.0)
+    with pytest.raises(LingmaoError, match=r"^data.txt_mode='lines': not allowed; allowed: one of block, file$"):
+        DataConfig(train_file="a.jsonl", txt_mode="lines")
+    with pytest.raises(LingmaoError, match=r"data.template='\{0\}': use named fields"):
+        DataConfig(train_file="a.jsonl", template="{0}")
+    with pytest.raises(LingmaoError, match=r"data.train_file: a value is required"):
+        DataConfig()
+    with pytest.raises(LingmaoError, match="data.nope: unknown key"):
+        DataConfig.of({"train_file": "a.jsonl", "nope": 1})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LingmaoError) as info:
+        DataConfig(train_file="a.jsonl", test_file=["b.jsonl", "c/*.txt"]).check()
+    assert str(info.value) == (
+        f"data.train_file: a.jsonl: file not found (relative to {tmp_path}); "
+        f"data.test_file: b.jsonl: file not found (relative to {tmp_path}); "
+        f"data.test_file: c/*.txt: matches no file (relative to {tmp_path})"
+    )
