@@ -196,19 +196,19 @@ class LMDataModule(L.LightningDataModule):
     def _split_validation(self, files: list[TokenFile], masks: list[np.ndarray]) -> WindowDataset | None:
         total = sum(tf.num_documents for tf in files)
         chosen = int(sum(m.sum() for m in masks))
-        where = f"data.val_fraction={self.val_fraction} of the {total} training documents"
+        fraction = f"data.val_fraction={self.val_fraction}"
+        instead = "no validation (give data.val_file or raise data.val_fraction)"
         if chosen == 0:
-            log.warning("validation: %s chose none; no validation (give data.val_file or raise "
-                        "data.val_fraction)", where)
+            log.warning("validation: %s of the %d training documents chose none; %s", fraction, total, instead)
             return None
         val = self._windows("train", self.eval_stride, masks)
         if len(val) == 0:
-            log.warning("validation: %s chose %d documents, %d tokens: not one window of data.context_length + 1 "
-                        "= %d tokens; no validation (give data.val_file or raise data.val_fraction)",
-                        where, chosen, val.num_tokens, self.context_length + 1)
+            log.warning("validation: %s of the %d training documents chose %d documents, %d tokens: not one window "
+                        "of data.context_length + 1 = %d tokens; %s", fraction, total, chosen, val.num_tokens,
+                        self.context_length + 1, instead)
             return None
-        log.info("validation: %d of %d training documents (%s, chosen by a hash of their text and not trained "
-                 "on): %d tokens, %d windows", chosen, total, where.split(" of ")[0], val.num_tokens, len(val))
+        log.info("validation: %d of %d training documents (%s, chosen by a hash of their text and not trained on): "
+                 "%d tokens, %d windows", chosen, total, fraction, val.num_tokens, len(val))
         return val
 
     def _setup_validation(self) -> None:
