@@ -5,8 +5,8 @@
     python scripts/bench_data.py loader                 # a real file: cache, memory per token, loader stalls
 
 `scale` builds synthetic corpora by repeating the bundled sample with its documents shuffled (a new order each
-time), then, each step in a child process of its own (its peak resident memory read by wait4, as the kernel
-counts it, imports included):
+time), then, each step in a child process of its own (its peak resident memory is the kernel's high-water mark of the
+child, VmHWM, imports of torch and Lightning included):
 
 - lingmao's path: read every file into its cache (vectorised) and train the tokenizer from the counts;
 - the tokenizers library's path as lingmao used it before (`Tokenizer.encode_batch` of 8,192 documents at a time
@@ -109,19 +109,23 @@ def cut(src: Path, dest: Path, megabytes: float) -> int:
 
 
 def child(task: str, **args: Any) -> dict[str, Any]:
-    """Run `task` in a new Python process; its JSON result plus its peak RSS and CPU time (from wait4)."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, __file__, "_child", task, json.dumps(args)], stdout=out,
-                                stderr=subprocess.DEVNULL if not args.get("verbose") else None)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
+    """Run `task` in a new Python process; its JSON result, with its peak RSS (the process's own VmHWM: the
+    kernel's high-water mark of its resident memory, imports included)."""
+    proc = subprocess.run([sys.executable, __file__, "_child", task, json.dumps(args)], capture_output=True,
+                          text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{task} failed with exit code {proc.returncode}: {text[-2000:]}")
-    result = json.loads(text.strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
-    return result
+        raise RuntimeError(f"{task} failed with exit code {proc.returncode}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM). Not ru_maxrss: after fork and exec that also
+    counts the parent's memory at the time of the fork."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def cpu_seconds() -> float:
@@ -140,9 +144,10 @@ def task_lingmao(files: list[str], cache_dir: str, tokenizer: str, workers: int 
     counts = sum(e.symbol_counts() for e in entries)
     tok = train_tokenizer_from_counts(counts, sum(int(e.meta["documents"]) for e in entries))
     save_tokenizer(tok, tokenizer)
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else None
     return {"seconds": wall, "cpu_seconds": cpu, "tokens": sum(len(e.symbols) for e in entries),
             "train_tokenizer_seconds": time.perf_counter() - started, "rss_before_mb": rss / 2**20,
-            "vocabulary": tok.get_vocab_size()}
+            "vocabulary": tok.get_vocab_size(), "peak_rss_mb": peak_rss_mb(), "workers_peak_rss_mb": workers_peak}
 
 
 def task_hf(file: str, tokenizer: str, **_: Any) -> dict[str, Any]:
@@ -170,7 +175,7 @@ def task_hf(file: str, tokenizer: str, **_: Any) -> dict[str, Any]:
         flush()
     tokens = np.concatenate(pieces)
     return {"seconds": time.perf_counter() - wall, "cpu_seconds": cpu_seconds() - cpu, "tokens": len(tokens),
-            "rss_before_mb": rss / 2**20}
+            "rss_before_mb": rss / 2**20, "peak_rss_mb": peak_rss_mb()}
 
 
 def task_open(files: list[str], cache_dir: str, tokenizer: str, opens: int = 3, **_: Any) -> dict[str, Any]:
@@ -189,7 +194,7 @@ def task_open(files: list[str], cache_dir: str, tokenizer: str, opens: int = 3, 
         ds[int(i)]
     return {"open_seconds": statistics.median(times), "open_min": min(times), "opens": opens,
             "read_seconds": time.perf_counter() - started, "tokens": int(counts.sum()), "windows": len(ds),
-            "rss_before_mb": rss / 2**20}
+            "rss_before_mb": rss / 2**20, "peak_rss_mb": peak_rss_mb()}
 
 
 TASKS = {"lingmao": task_lingmao, "hf": task_hf, "open": task_open}
@@ -238,14 +243,19 @@ def scale(args: argparse.Namespace) -> int:
 
 
 def split_file(path: Path, folder: Path, parts: int) -> list[Path]:
+    """`path` cut at line ends into `parts` files of about equal size (streamed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = path.read_bytes().splitlines(keepends=True)
-    step = -(-len(lines) // parts)
-    out = []
-    for i in range(parts):
-        p = folder / f"part{i:03d}.jsonl"
-        p.write_bytes(b"".join(lines[i * step : (i + 1) * step]))
-        out.append(p)
+    share = path.stat().st_size / parts
+    out = [folder / f"part{i:03d}.jsonl" for i in range(parts)]
+    written = 0
+    with open(path, "rb") as src:
+        for i, dest in enumerate(out):
+            with open(dest, "wb") as f:
+                for line in src:
+                    f.write(line)
+                    written += len(line)
+                    if written >= share * (i + 1) and i < parts - 1:
+                        break
     return out
 
 
@@ -258,6 +268,9 @@ def print_rows(rows: list[tuple[str, str, int, dict[str, Any], str]]) -> None:
             continue
         extra = (f"; tokenizer trained from the counts in {r['train_tokenizer_seconds']:.2f} s"
                  if "train_tokenizer_seconds" in r else "")
+        if r.get("workers_peak_rss_mb"):
+            extra += (f"; the pool's processes at most {r['workers_peak_rss_mb']:,.0f} MB each (pages shared with "
+                      "the process that forked them included)")
         print(f"  {corpus:>8s}  {what:38s} {size / 1e6 / r['seconds']:7.1f} MB/s wall, "
               f"{size / 1e6 / r['cpu_seconds']:7.1f} MB/s CPU ({r['seconds']:,.1f} s, {r['tokens']:,} tokens); "
               f"peak RSS {r['peak_rss_mb']:,.0f} MB ({r['rss_before_mb']:,.0f} MB after imports){extra}"

@@ -63,8 +63,8 @@ def test_bench_data_loader_prints_figures(cut: Path, capsys: pytest.CaptureFixtu
 
 
 def test_bench_data_scale_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The steps of `scale` on a 1 MB corpus: both paths give the same tokens; one step in a child process, with
-    its peak memory read by wait4 (the others in this process: each child imports torch, which takes seconds)."""
+    """The steps of `scale` on a 1 MB corpus: both paths give the same tokens; one step in a child process, which
+    reports its peak memory (the others in this process: each child imports torch, which takes seconds)."""
     bench = load_script("bench_data")
     corpus = tmp_path / "corpus.jsonl"
     size = bench.synthetic_corpus(corpus, 1)
@@ -75,6 +75,7 @@ def test_bench_data_scale_steps(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert ours["tokens"] == library["tokens"] > 200_000
     opened = bench.child("open", files=[str(corpus)], cache_dir=str(tmp_path / "cache"), tokenizer=tok, opens=1)
     assert opened["tokens"] == ours["tokens"] and 50 < opened["peak_rss_mb"] < 4000
+    assert opened["peak_rss_mb"] >= opened["rss_before_mb"] > 0
     bench.print_rows([("1 MB", "lingmao", size, {**ours, "peak_rss_mb": 1.0}, ""),
                       ("1 MB", "library", size, {**library, "peak_rss_mb": 1.0}, "extrapolated"),
                       ("1 MB", "open", size, opened, "")])
