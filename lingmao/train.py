@@ -139,12 +139,12 @@ def train(cfg: DictConfig) -> float | None:
         vocab_size=vocab_size,
         pad_id=dm.special_ids["pad"],
     )
-    lm.tokens_per_char = dm.val_set.tokens_per_char if dm.val_set is not None else None  # for val/bpc
+    lm.tokens_per_char = dm.tokens_per_char("val")  # for val/bpc
     log.info(
         "model: %s, %.2f M parameters (%.2f M without the embedding), vocabulary %d",
         cfg.model.name, lm.model.num_parameters() / 1e6, lm.model.num_parameters(True) / 1e6, vocab_size,
     )
-    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir), validate=dm.val_set is not None)
+    trainer = build_trainer(cfg, run_dir, accelerator, build_callbacks(cfg, run_dir), validate=dm.has_val)
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt_path:
         at = check_resume_compatible(ckpt_path, lm, tokenizer)
@@ -154,7 +154,7 @@ def train(cfg: DictConfig) -> float | None:
         return None
 
     val_loss = trainer.callback_metrics.get("val/loss")
-    if cfg.run_test and cfg.data.get("test_file"):
+    if cfg.run_test and dm.has_test:
         results = trainer.test(lm, datamodule=dm, verbose=False)
         test_loss = results[0]["test/loss"]
         baseline = unigram_perplexity(dm.train_set.token_counts(vocab_size), dm.test_set.token_counts(vocab_size))

@@ -49,14 +49,14 @@ class DataConfig:
     num_workers: int = number(0, ge=0)  # loader worker processes; also files tokenized in parallel
 
     def __post_init__(self) -> None:
+        """Ranges and choices, the rules among the keys, then the files (found, readable, not empty): checked
+        when the config is made, before anything is read or written."""
         check_fields(self)
-        problems = rule_problems(dataclasses.asdict(self))
-        if problems:
-            raise LingmaoError(problems[0])
+        self.check()
 
     def check(self) -> None:
-        """Raise one LingmaoError naming what is wrong with the keys and the files they name, or return.
-        Reads no file: only their existence, kind, size and permissions."""
+        """Raise one LingmaoError naming what is wrong with the keys and the files they name (up to three
+        problems), or return. Reads no file: only their existence, kind, size and permissions."""
         problems = data_problems(dataclasses.asdict(self))
         if problems:
             more = len(problems) - MAX_SHOWN_PROBLEMS

@@ -155,6 +155,32 @@ class LMDataModule(L.LightningDataModule):
     def special_ids(self) -> dict[str, int]:
         return special_ids(self.prepare_tokenizer())
 
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation set (known once `prepare_data` or `setup('fit')` has run)."""
+        return self.val_set is not None
+
+    @property
+    def has_test(self) -> bool:
+        """Whether a test file is given (it is not opened before `setup('test')`)."""
+        return self.inputs["test"] not in (None, "")
+
+    def tokens_per_char(self, split: str) -> float | None:
+        """Tokens per character of a split ('train', 'val', 'test'), for bits per character; None before it
+        is set up."""
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        return ds.tokens_per_char if ds is not None else None
+
+    def planned_steps(self, trainer_cfg: Any, accumulation: int = 1, world_size: int = 1) -> float:
+        """Optimizer steps the run will take at the day batch size (max_steps, or epochs of the training set)."""
+        totals = []
+        if trainer_cfg.max_steps and trainer_cfg.max_steps > 0:
+            totals.append(float(trainer_cfg.max_steps))
+        if trainer_cfg.max_epochs and trainer_cfg.max_epochs > 0 and self.train_set is not None:
+            per_epoch = len(self.train_set) // (self.batch_size * world_size) // max(1, accumulation)
+            totals.append(float(trainer_cfg.max_epochs * per_epoch))
+        return min(totals) if totals else float("inf")
+
     # ------------------------------------------------------------------------------------------
     # Datasets
     # ------------------------------------------------------------------------------------------
@@ -299,8 +325,7 @@ def default_tokenizer_path(data_cfg: Any, cache_dir: str | Path) -> Path:
 def build_datamodule(data_cfg: Any, cache_dir: str | Path, seed: int = 0, pin_memory: bool = False) -> LMDataModule:
     """The DataModule of a `data` config (a DataConfig, `cfg.data` or a mapping). `cache_dir` is `paths.cache_dir`:
     token caches go to its `tokens/`, a tokenizer trained here to its `tokenizers/` (unless data.tokenizer_path)."""
-    d = DataConfig.of(data_cfg)
-    d.check()
+    d = DataConfig.of(data_cfg)  # checked: keys and files
     return LMDataModule(
         train_file=d.train_file,
         val_file=d.val_file,
