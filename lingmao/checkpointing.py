@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lingmao.data.tokenizer import tokenizer_fingerprint
 from lingmao.errors import LingmaoError
 from lingmao.io import atomic_write
 
@@ -273,7 +274,6 @@ def check_resume_compatible(
 def resume_point(conf: Any, run_dir: Path, lm: Any, tokenizer: Any) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), checked against the model about to be
     trained; says in one line how the learning-rate schedule differs from the checkpoint's run."""
-    from lingmao.tokenizer import tokenizer_fingerprint
 
     path = find_resume_checkpoint(conf.resume_from, conf.auto_resume, run_dir / "checkpoints")
     if path is None:

@@ -1,6 +1,7 @@
 """`python -m lingmao.evaluate model_dir=DIR data.test_file=FILE`: loss, perplexity and bits per character.
 
-The file is tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
+`data.test_file` takes what training's inputs take: a path, a list, a directory or a glob. The text is
+tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
 non-overlapping windows of the model's context length; the last, shorter window is scored too,
 so every token but the first `<bos>` is predicted exactly once.
 
@@ -34,12 +35,14 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def unigram_perplexity(train_tokens: np.ndarray, test_tokens: np.ndarray, vocab_size: int) -> float:
+def unigram_perplexity(train_counts: np.ndarray, test_counts: np.ndarray) -> float:
     """Perplexity on the test tokens of a model that knows only the training set's token frequencies
-    (add-one smoothed): the baseline a trained model must beat by far."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[np.asarray(test_tokens)].mean()))
+    (add-one smoothed; both arguments are counts per token id): the baseline a trained model must beat by far."""
+    size = max(len(train_counts), len(test_counts))
+    train = np.pad(np.asarray(train_counts, dtype=np.float64), (0, size - len(train_counts))) + 1.0
+    test = np.pad(np.asarray(test_counts, dtype=np.float64), (0, size - len(test_counts)))
+    logp = np.log(train / train.sum())
+    return float(math.exp(-(test * logp).sum() / test.sum()))
 
 
 def test_result(trainer: Any, lm: Any, dm: Any) -> Any:
@@ -49,13 +52,14 @@ def test_result(trainer: Any, lm: Any, dm: Any) -> Any:
     results = trainer.test(lm, datamodule=dm, verbose=False)
     loss = float(results[0]["test/loss"])
     per_char = dm.tokens_per_char("test")
-    baseline = unigram_perplexity(dm.train_set.tokens, dm.test_set.tokens, lm.hparams["vocab_size"])
+    vocab = int(lm.hparams["vocab_size"])
+    baseline = unigram_perplexity(dm.train_set.token_counts(vocab), dm.test_set.token_counts(vocab))
     return TestResult(loss, math.exp(loss), loss / math.log(2) * per_char if per_char else None, baseline)
 
 
 def evaluate_file(
     lm: Any,
-    path: str | Path,
+    path: Any,
     *,
     context_length: int | None = None,
     batch_size: int = 16,
@@ -63,12 +67,14 @@ def evaluate_file(
     template: str | None = None,
     convert: str | None = None,
     on_bad_line: str = "error",
+    txt_mode: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score a JSONL file with a loaded model; returns the metrics as a dict (see the module doc)."""
+    """Score a file (or a list, a directory or a glob of them: read as one file joined in order) with a loaded
+    model; returns the metrics as a dict (see the module doc)."""
     from tqdm.auto import tqdm
 
-    from lingmao.data import TextSource, WindowDataset, load_or_tokenize
+    from lingmao.data import TextSource, WindowDataset, input_files, tokenize_files
 
     data_cfg = (lm.config or {}).get("data") or {}
     model = lm.model
@@ -85,13 +91,14 @@ def evaluate_file(
         template if template is not None else data_cfg.get("template"),
         convert or data_cfg.get("convert") or "none",
         on_bad_line,
+        txt_mode or data_cfg.get("txt_mode") or "block",
     )
-    path = Path(path)
+    files = input_files(path, "data.test_file")
+    name = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
     started = time.perf_counter()
-    data = load_or_tokenize(path, lm.tokenizer, source, cache_dir=None)
-    characters = int(data.num_chars)  # counted while tokenizing: the file is read once
-    tokens = np.asarray(data.tokens, dtype=np.int64)
-    full = WindowDataset(data, ctx, stride=ctx, packing=True)
+    full = WindowDataset(tokenize_files(files, lm.tokenizer, source, cache_dir=None), ctx, stride=ctx, packing=True)
+    characters = full.num_chars  # counted while tokenizing: the files are read once
+    tokens = full.tokens(0, full.num_tokens)
     rest = len(tokens) - len(full) * ctx  # tokens from the start of the last, shorter window
     tail = None
     if rest >= 2:
@@ -102,7 +109,7 @@ def evaluate_file(
         tail = (x, y)
     windows = len(full) + (tail is not None)
     if windows == 0:
-        raise LingmaoError(f"{path}: too little text to score (fewer than 2 tokens)")
+        raise LingmaoError(f"{name}: too little text to score (fewer than 2 tokens)")
 
     def batches():
         for s in range(0, len(full), batch_size):
@@ -113,7 +120,8 @@ def evaluate_file(
 
     device = next(model.parameters()).device
     total_nats, predicted = 0.0, 0
-    bar = tqdm(total=windows, desc=f"scoring {path.name}", unit="window", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=windows, desc=f"scoring {Path(str(name)).name}", unit="window", disable=not progress,
+               file=sys.stderr)
     with torch.inference_mode():
         for x, y in batches():
             x, y = x.to(device), y.to(device)
@@ -126,13 +134,13 @@ def evaluate_file(
     bar.close()
     loss = total_nats / predicted
     return {
-        "test_file": str(path),
+        "test_file": str(name),
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_character": total_nats / math.log(2) / max(characters, 1),
         "bits_per_token": loss / math.log(2),
         "total_nats": total_nats,
-        "documents": int(data.num_documents),
+        "documents": full.num_documents,
         "tokens": int(len(tokens)),
         "predicted_tokens": predicted,
         "characters": characters,
@@ -144,7 +152,8 @@ def evaluate_file(
 
 def default_output(cfg: DictConfig) -> Path:
     name = Path(cfg.model_dir).name if cfg.get("model_dir") else Path(cfg.ckpt).stem
-    stem = Path(cfg.data.test_file).name.split(".")[0]
+    first = cfg.data.test_file if isinstance(cfg.data.test_file, str) else cfg.data.test_file[0]
+    stem = Path(first).name.split(".")[0] or "files"
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default="outputs")
     return Path(output_dir) / "eval" / slug(f"{name}_{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
 
@@ -154,12 +163,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lingmao.io import atomic_write_bytes
 
     if not cfg.data.get("test_file"):
-        raise LingmaoError("data.test_file=FILE is required (a JSONL or JSONL.gz file to score)")
+        raise LingmaoError("data.test_file=FILE is required (a .jsonl, .jsonl.gz or .txt file, a list, a folder "
+                           "or a glob of them, to score)")
     lm = load_for_inference(cfg)
     results = evaluate_file(
         lm, cfg.data.test_file, context_length=cfg.data.context_length, batch_size=int(cfg.batch_size),
         text_key=cfg.data.text_key, template=cfg.data.template, convert=cfg.data.convert,
-        on_bad_line=cfg.data.on_bad_line,
+        on_bad_line=cfg.data.on_bad_line, txt_mode=cfg.data.get("txt_mode"),
     )
     results["model"] = str(cfg.model_dir or cfg.ckpt)
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg)

@@ -29,16 +29,16 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from tokenizers import Tokenizer
 
+from lingmao.data.tokenizer import load_tokenizer
 from lingmao.errors import LingmaoError
 from lingmao.io import file_mode, fsync_dir, fsync_file, make_temp_dir
 from lingmao.model import ModelConfig, build_model
-from lingmao.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG)  # in the order they are moved into place: config.json last
 FORMAT = "lingmao-2"
 READY, STAGING_PREFIX = ".export-ready", ".export-"
-DATA_KEYS = ("context_length", "text_key", "template", "convert")
+DATA_KEYS = ("context_length", "text_key", "template", "convert", "txt_mode")
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

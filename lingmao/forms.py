@@ -20,8 +20,8 @@ from functools import lru_cache
 import torch
 from tokenizers import Tokenizer
 
+from lingmao.data.tokenizer import special_ids, tokenizer_fingerprint
 from lingmao.errors import LingmaoError
-from lingmao.tokenizer import special_ids, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

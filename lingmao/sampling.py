@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from lingmao.data import make_converter
+from lingmao.data.tokenizer import special_ids
 from lingmao.errors import LingmaoError
 from lingmao.forms import FormConstraint, normalize_form, vocab_tables
-from lingmao.tokenizer import special_ids
 
 log = logging.getLogger(__name__)
 

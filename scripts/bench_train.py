@@ -34,15 +34,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from lingmao.monitoring import peak_tflops, train_flops_per_token
+from lingmao.schema import validate_config
 from omegaconf import DictConfig, OmegaConf
 
 from lingmao import monitoring
 from lingmao.config import CONF_DIR
+from lingmao.data import build_datamodule
 from lingmao.hardware import resolve_accelerator, resolve_precision
 from lingmao.module import LingmaoLM, build_model
-from lingmao.monitoring import peak_tflops, train_flops_per_token
-from lingmao.schema import validate_config
-from lingmao.train import build_callbacks, build_datamodule, build_trainer
+from lingmao.train import build_callbacks, build_trainer
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -154,7 +155,7 @@ class TimingCallback(L.Callback):
 def run_lingmao(cfg: DictConfig, args: argparse.Namespace, run_dir: Path, profile: bool) -> Timing:
     accelerator = resolve_accelerator(cfg.hardware.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg, accelerator)
+    dm = build_datamodule(cfg.data, cfg.paths.cache_dir, seed=int(cfg.seed), pin_memory=accelerator == "cuda")
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     lm = LingmaoLM(
@@ -190,7 +191,7 @@ def run_plain(cfg: DictConfig, args: argparse.Namespace, profile: bool) -> Timin
     device = torch.device("cuda:0" if accelerator == "cuda" else accelerator)
     precision = resolve_precision(cfg.hardware.precision, accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg, accelerator)
+    dm = build_datamodule(cfg.data, cfg.paths.cache_dir, seed=int(cfg.seed), pin_memory=accelerator == "cuda")
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     pad = dm.special_ids["pad"]
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = resolve_accelerator(cfg.hardware.accelerator)
         precision = resolve_precision(cfg.hardware.precision, accelerator)
         m = cfg.model
-        vocab = build_datamodule(cfg, accelerator).prepare_tokenizer().get_vocab_size()
+        vocab = build_datamodule(cfg.data, cfg.paths.cache_dir).prepare_tokenizer().get_vocab_size()
         params = build_model(vocab, OmegaConf.to_container(m, resolve=True)).num_parameters()
         print(
             f"model={m.name} (d_model {m.d_model}, {m.num_layers} layers, ff {m.dim_feedforward}, tied "

@@ -4,16 +4,27 @@
     python scripts/prepare_corpus.py --source chinese-poetry-2.0.1.tgz --out data/poetry
     python scripts/prepare_corpus.py --source path/to/chinese-poetry/   # an unpacked package or git checkout
     python scripts/prepare_corpus.py --from-jsonl ../shared/corpus/poetry --out data/poetry   # a ready corpus
+    python scripts/prepare_corpus.py --source chinese-poetry-2.0.1.tgz --full --out data/poetry_full
 
-Writes OUT/train.jsonl and OUT/test.jsonl, one {"text", "title", "author", "source"} object a line: Tang shi,
-Song ci, Shijing, Chuci and Lunyu. The split is fixed by a hash of each record (about 2% test), so every run
-sees the same split. With --sample DIR it also writes the small corpus shipped in the package (every 10th
-training record and every 3rd test record).
+Without --full: OUT/train.jsonl and OUT/test.jsonl, one {"text", "title", "author", "source"} object a line:
+Tang shi, Song ci, Shijing, Chuci and Lunyu (`data=poetry`). The split is fixed by a hash of each record (about
+2% test), so every run sees the same split. With --sample DIR it also writes the small corpus shipped in the
+package (every 10th training record and every 3rd test record).
+
+With --full: every text collection of the package (`FULL_COLLECTIONS`: Tang and Song shi, Song ci, Five
+Dynasties ci, Yuan qu, Shijing, Chuci, the Four Books, Lunyu, Cao Cao, Nalan Xingde, Youmengying and the
+primers), each text once (exact duplicates dropped, first one kept), split by a hash of the text into
+OUT/train/, OUT/val/ and OUT/test/ (about 2% each for val and test), one file per collection (`data=poetry_full`).
+Left out: anthologies of poems the collections already hold (Tang 300, Song ci 300, Shuimo Tang shi,
+Qianjiashi), the second edition of the Tang corpus (yudingquantangshi: the same poems with variant characters,
+which would put near-copies of training poems into validation and test), records the package marks as errors,
+and tables without text (ranks, tone patterns, authors).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
@@ -56,6 +67,140 @@ def read_package(root: Path) -> Iterator[dict[str, str]]:
         yield {"text": "\n".join(r["paragraphs"]), "title": r.get("chapter", ""), "author": "", "source": "lunyu"}
 
 
+# ----------------------------------------------------------------------------------------------
+# --full: every text collection, deduplicated, split train / val / test by a hash of the text
+# ----------------------------------------------------------------------------------------------
+def _lines(r: dict) -> list[str]:
+    for key in ("paragraphs", "para", "content"):
+        value = r.get(key)
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return value
+        if isinstance(value, str):
+            return [value]
+    return []
+
+
+def _records(path: Path, title_keys: tuple[str, ...] = ("title", "rhythmic", "chapter")) -> Iterator[dict]:
+    """Every object of a package file that holds lines of text (found at any depth: the primers nest them)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+
+    def walk(node: object, title: str) -> Iterator[dict]:
+        if isinstance(node, dict):
+            own = next((str(node[k]) for k in title_keys if node.get(k)), title)
+            lines = _lines(node)
+            if lines:
+                yield {"text": "\n".join(line.strip() for line in lines if line.strip()), "title": own,
+                       "author": str(node.get("author") or "").strip()}
+            else:
+                for value in node.values():
+                    if isinstance(value, list | dict):
+                        yield from walk(value, own)
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item, title)
+
+    yield from walk(data, "")
+
+
+# (collection, files under dist/ as globs, in order). Numbered files are read in numeric order.
+FULL_COLLECTIONS: list[tuple[str, list[str]]] = [
+    ("tang_shi", [r"quantangshi/poet\.tang\.(\d+)\.json"]),
+    ("song_shi", [r"quantangshi/poet\.song\.(\d+)\.json"]),
+    ("song_ci", [r"songci/ci\.song\.(\d+)\.json", "songci/ci.song.2019y.json"]),
+    ("wudai_ci", [r"wudaishici/huajianji/huajianji-(\d+)-juan\.json", "wudaishici/huajianji/huajianji-x-juan.json",
+                  "wudaishici/nantang/poetrys.json"]),
+    ("yuan_qu", ["yuanqu/yuanqu.json"]),
+    ("shijing", ["shijing/shijing.json"]),
+    ("chuci", ["chuci/chuci.json"]),
+    ("lunyu", ["lunyu/lunyu.json"]),
+    ("sishu", ["sishuwujing/daxue.json", "sishuwujing/zhongyong.json", "sishuwujing/mengzi.json"]),
+    ("caocao", ["caocaoshiji/caocao.json"]),
+    ("nalan_xingde", ["nalanxingde/纳兰性德诗集.json"]),
+    ("youmengying", ["youmengying/youmengying.json"]),
+    ("mengxue", [f"mengxue/{name}.json" for name in (
+        "sanzijing-traditional", "qianziwen", "baijiaxing", "dizigui", "zhuzijiaxun", "zengguangxianwen",
+        "youxueqionglin", "shenglvqimeng", "wenzimengqiu", "guwenguanzhi")]),
+]
+
+
+def _collection_files(dist: Path, patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        folder, _, name = pattern.rpartition("/")
+        if "(" in name:
+            files += _numbered(dist / folder, name)
+        elif (dist / pattern).is_file():
+            files.append(dist / pattern)
+        else:
+            raise FileNotFoundError(f"{dist / pattern}: not in the package (another version of chinese-poetry?)")
+    return files
+
+
+def split_of(text: str, val: float, test: float) -> str:
+    """'test', 'val' or 'train' by a hash of the text: the same text always lands in the same split."""
+    u = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def build_full(dist: Path, out: Path, val: float, test: float) -> dict[str, dict[str, list[int]]]:
+    """Write OUT/{train,val,test}/<collection>.jsonl; {collection: {split: [texts, characters]}}."""
+    seen: set[bytes] = set()
+    stats: dict[str, dict[str, list[int]]] = {}
+    duplicates = 0
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for collection, patterns in FULL_COLLECTIONS:
+            counts = stats.setdefault(collection, {split: [0, 0] for split in ("train", "val", "test")})
+            with contextlib.ExitStack() as stack:
+                files = {}
+                for split in counts:
+                    (staging / split).mkdir(exist_ok=True)
+                    files[split] = stack.enter_context(open(staging / split / f"{collection}.jsonl", "w",
+                                                            encoding="utf-8"))
+                for path in _collection_files(dist, patterns):
+                    for r in _records(path):
+                        digest = hashlib.sha256(r["text"].encode("utf-8")).digest()
+                        if not r["text"].strip() or digest in seen:
+                            duplicates += digest in seen
+                            continue
+                        seen.add(digest)
+                        split = split_of(r["text"], val, test)
+                        files[split].write(json.dumps({**r, "source": collection}, ensure_ascii=False) + "\n")
+                        counts[split][0] += 1
+                        counts[split][1] += len(r["text"])
+        for empty in [f for f in staging.glob("*/*.jsonl") if f.stat().st_size == 0]:
+            empty.unlink()  # a small collection with no text in a split: no file rather than an empty one
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    (out / "README.md").write_text(LICENCE + "\n", encoding="utf-8")
+    print(f"{len(seen):,} distinct texts ({duplicates:,} repeated texts left out)")
+    return stats
+
+
+def _print_full(out: Path, stats: dict[str, dict[str, list[int]]]) -> None:
+    print(f"{'collection':14s} {'train':>16s} {'val':>14s} {'test':>14s}   (texts / characters)")
+    for collection, counts in stats.items():
+        cells = [f"{n:,} / {c / 1e6:.2f} M" for n, c in (counts[s] for s in ("train", "val", "test"))]
+        print(f"{collection:14s} {cells[0]:>16s} {cells[1]:>14s} {cells[2]:>14s}")
+    total = {s: [sum(c[s][i] for c in stats.values()) for i in (0, 1)] for s in ("train", "val", "test")}
+    print(f"{'all':14s} " + " ".join(f"{n:,} / {c / 1e6:.2f} M".rjust(w) for (n, c), w in
+                                       zip(total.values(), (16, 14, 14), strict=True)))
+    print(f"written to {out}/train, {out}/val, {out}/test")
+
+
+def _unpacked(source: Path, stack: contextlib.ExitStack) -> Path:
+    """The package folder of a .tgz (unpacked into a temporary folder) or of a checkout."""
+    if source.is_file():
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        with tarfile.open(source) as tar:
+            tar.extractall(tmp, filter="data")
+        source = Path(tmp) / "package"
+    return source / "dist" if (source / "dist").is_dir() else source
+
+
 def is_test(record: dict[str, str], one_in: int = 50) -> bool:
     key = f"{record['source']}|{record['title']}|{record['author']}|{record['text']}".encode()
     return int(hashlib.sha256(key).hexdigest(), 16) % one_in == 0
@@ -69,13 +214,9 @@ def write_jsonl(path: Path, lines: list[str]) -> None:
 
 
 def build_from_package(source: Path) -> tuple[list[str], list[str]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        if source.is_file():
-            with tarfile.open(source) as tar:
-                tar.extractall(tmp, filter="data")
-            source = Path(tmp) / "package"
+    with contextlib.ExitStack() as stack:
         train, test = [], []
-        for r in read_package(source):
+        for r in read_package(_unpacked(source, stack)):
             if not r["text"].strip():
                 continue
             (test if is_test(r) else train).append(json.dumps(r, ensure_ascii=False))
@@ -93,11 +234,26 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--from-jsonl", type=Path, help="a folder with train.jsonl and test.jsonl already made")
     p.add_argument("--out", type=Path, help="where to write train.jsonl / test.jsonl (e.g. data/poetry)")
     p.add_argument("--sample", type=Path, help="also write the small sample corpus here")
+    p.add_argument("--full", action="store_true", help="every text collection, into OUT/train, OUT/val, OUT/test")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="--full: share of texts for validation")
+    p.add_argument("--test-fraction", type=float, default=0.02, help="--full: share of texts for the test")
     args = p.parse_args(argv)
-    if args.source is not None:
-        if not args.source.exists():
-            print(f"error: {args.source}: not found (run `npm pack chinese-poetry` first)", file=sys.stderr)
+    if args.source is not None and not args.source.exists():
+        print(f"error: {args.source}: not found (run `npm pack chinese-poetry` first)", file=sys.stderr)
+        return 2
+    if args.full:
+        if args.source is None or args.out is None or args.sample is not None:
+            print("error: --full needs --source and --out (and no --sample)", file=sys.stderr)
             return 2
+        if not (0 <= args.val_fraction and 0 <= args.test_fraction and args.val_fraction + args.test_fraction < 1):
+            print("error: --val-fraction and --test-fraction: each >= 0, together < 1", file=sys.stderr)
+            return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            stats = build_full(_unpacked(args.source, stack), args.out, args.val_fraction, args.test_fraction)
+        _print_full(args.out, stats)
+        return 0
+    if args.source is not None:
         train, test = build_from_package(args.source)
     else:
         train, test = read_lines(args.from_jsonl / "train.jsonl"), read_lines(args.from_jsonl / "test.jsonl")

@@ -95,9 +95,9 @@ BLOCKER = textwrap.dedent("""
 
 
 def test_the_model_stands_alone_without_lightning_or_hydra(tmp_path):
+    from lingmao.data.tokenizer import train_tokenizer
     from lingmao.export import export_model
     from lingmao.model import ModelConfig, build_model
-    from lingmao.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"] * 3)
     cfg = ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32)

@@ -45,10 +45,10 @@ def test_bench_train_prints_ratio(cut: Path, tmp_path: Path, capsys: pytest.Capt
     assert len(losses) == 2 and losses[0] == losses[1], out
 
 
-def test_bench_data_prints_figures(cut: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_data_loader_prints_figures(cut: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = load_script("bench_data")
     argv = [
-        "--train-file", str(cut), "--context", "16", "--strides", "1,16", "--cut-kb", "5", "--opens", "1",
+        "loader", "--train-file", str(cut), "--context", "16", "--strides", "1,16", "--cut-kb", "5", "--opens", "1",
         "--stall-steps", "2", "--stall-warmup", "1",
         "--set", "model.d_model=16", "model.num_layers=1", "model.dim_feedforward=32", "data.batch_size=2",
         "data.context_length=16",
@@ -57,6 +57,28 @@ def test_bench_data_prints_figures(cut: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert re.search(r"\d+\.\d+ MB/s of JSONL", out), out
     assert re.search(r"open the cached dataset .*: median \d+\.\d+ s", out), out
-    assert len(re.findall(r"lingmao  stride .*: \d+\.\d+ B/token", out)) == 4, out
+    assert len(re.findall(r"lingmao  stride .*: -?\d+\.\d+ B/token", out)) == 4, out
     assert len(re.findall(r"design's approach stride .*: [\d,]+\.\d+ B/token", out)) == 2, out
     assert re.search(r"\d+\.\d+% of training time", out), out
+
+
+def test_bench_data_scale_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The steps of `scale` on a 1 MB corpus: both paths give the same tokens; one step in a child process, which
+    reports its peak memory (the others in this process: each child imports torch, which takes seconds)."""
+    bench = load_script("bench_data")
+    corpus = tmp_path / "corpus.jsonl"
+    size = bench.synthetic_corpus(corpus, 1)
+    assert 1_000_000 <= size < 1_001_000 and corpus.read_bytes().count(b"\n") > 3000
+    tok = str(tmp_path / "tok.json")
+    ours = bench.task_lingmao([str(corpus)], str(tmp_path / "cache"), tok)
+    library = bench.task_hf(str(corpus), tok)
+    assert ours["tokens"] == library["tokens"] > 200_000
+    opened = bench.child("open", files=[str(corpus)], cache_dir=str(tmp_path / "cache"), tokenizer=tok, opens=1)
+    assert opened["tokens"] == ours["tokens"] and 50 < opened["peak_rss_mb"] < 4000
+    assert opened["peak_rss_mb"] >= opened["rss_before_mb"] > 0
+    bench.print_rows([("1 MB", "lingmao", size, {**ours, "peak_rss_mb": 1.0}, ""),
+                      ("1 MB", "library", size, {**library, "peak_rss_mb": 1.0}, "extrapolated"),
+                      ("1 MB", "open", size, opened, "")])
+    out = capsys.readouterr().out
+    assert len(re.findall(r"[\d.]+ MB/s wall, +[\d.]+ MB/s CPU .*peak RSS 1 MB", out)) == 2, out
+    assert re.search(r"open +open \d+\.\d+ s \(median of 1\).*peak RSS [\d,]+ MB", out), out

@@ -1,12 +1,22 @@
 import gzip
 import logging
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lingmao.data import LMDataModule, TextSource, TokenFile, WindowDataset, iter_documents, load_or_tokenize
+from lingmao.data import (
+    DataConfig,
+    LMDataModule,
+    TextSource,
+    TokenFile,
+    WindowDataset,
+    iter_documents,
+    load_or_tokenize,
+)
+from lingmao.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from lingmao.errors import LingmaoError
-from lingmao.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 
 
 @pytest.fixture
@@ -52,7 +62,7 @@ def test_convert_t2s(tmp_path):
 def flat(n: int, doc_lengths: list[int] | None = None) -> TokenFile:
     doc_lengths = doc_lengths or [n]
     offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
-    return TokenFile(np.arange(offsets[-1], dtype=np.uint16), offsets)
+    return TokenFile.from_ids(np.arange(offsets[-1], dtype=np.uint16), offsets)
 
 
 @pytest.mark.parametrize(
@@ -95,37 +105,46 @@ def test_cache_hit_on_second_load(small_corpus, tokenizer, tmp_path, caplog):
     train, _ = small_corpus
     cache = tmp_path / "cache"
     first = load_or_tokenize(train, tokenizer, TextSource(), cache)
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 3 and all(not f.endswith(".tmp") for f in files)  # tokens, document offsets, characters
+    (entry,) = cache.iterdir()  # one folder for the file, complete (no temporary names left)
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "alphabet.npy", "counts.npy", "docs.bin", "meta.json", "symbols.bin"]
     with caplog.at_level(logging.INFO, logger="lingmao.data"):
         second = load_or_tokenize(train, tokenizer, TextSource(), cache)
-    assert "token cache hit" in caplog.text
-    assert isinstance(second.tokens, np.memmap) and second.tokens.dtype == np.uint16
-    assert np.array_equal(first.tokens, second.tokens) and np.array_equal(first.doc_offsets, second.doc_offsets)
+    assert "token cache hit" in caplog.text and "tokenized" not in caplog.text
+    assert isinstance(second.symbols, np.memmap)
+    assert np.array_equal(first.ids(), second.ids()) and np.array_equal(first.doc_offsets, second.doc_offsets)
+    expected = [tokenizer.encode(t).ids for t in iter_documents(train)]
+    assert second.ids().tolist() == [i for ids in expected for i in ids]
     # Another text setting is another cache entry, not a stale hit.
-    load_or_tokenize(train, tokenizer, TextSource(convert="t2s"), cache)
-    assert len(list(cache.iterdir())) == 6
+    converted = load_or_tokenize(train, tokenizer, TextSource(convert="t2s"), cache)
+    assert len(list(cache.iterdir())) == 2 and not np.array_equal(converted.ids(), first.ids())
 
 
 def test_cache_ignores_a_damaged_entry(small_corpus, tokenizer, tmp_path):
     train, _ = small_corpus
     cache = tmp_path / "cache"
-    good = np.array(load_or_tokenize(train, tokenizer, TextSource(), cache).tokens)
-    tokens_file = next(cache.glob("*.tokens.npy"))
-    damaged = tokens_file.read_bytes()[:100]
-    tokens_file.unlink()  # a new file: the old one may still be memory-mapped
-    tokens_file.write_bytes(damaged)
+    good = load_or_tokenize(train, tokenizer, TextSource(), cache).ids()
+    symbols = next(cache.glob("*/symbols.bin"))
+    damaged = symbols.read_bytes()[:100]
+    symbols.unlink()  # a new file: the old one may still be memory-mapped
+    symbols.write_bytes(damaged)
     again = load_or_tokenize(train, tokenizer, TextSource(), cache)
-    assert np.array_equal(good, again.tokens)
+    assert np.array_equal(good, again.ids())
 
 
-def test_memory_is_about_two_bytes_a_token_whatever_the_stride(small_corpus, tokenizer):
+def test_memory_is_two_bytes_a_token_whatever_the_stride(small_corpus, tokenizer, tmp_path):
+    """Tokens are read from the mapped cache file, 2 bytes each; a dataset holds no window or token copy:
+    pickled (as loader workers get it) it is the same few KB at stride 1 as at stride 64."""
     train, _ = small_corpus
-    data = load_or_tokenize(train, tokenizer, TextSource(), None)
-    for stride in (1, 7, 64):
-        ds = WindowDataset(data, 64, stride)
-        assert ds.tokens.nbytes / len(ds.tokens) == 2
-        assert getattr(ds, "_doc_starts", None) is None  # no per-window storage
+    data = load_or_tokenize(train, tokenizer, TextSource(), tmp_path / "cache")
+    mapped = Path(data.symbols.filename)
+    assert mapped.stat().st_size == 2 * data.num_tokens
+    sizes = {stride: len(pickle.dumps(WindowDataset(data, 64, stride))) for stride in (1, 7, 64)}
+    windows = len(WindowDataset(data, 64, 1))
+    # A copy of the tokens would take 2 bytes a token, the windows' starts 8 bytes a window (one a token here).
+    assert windows == data.num_tokens - 64 and max(sizes.values()) < data.num_tokens, sizes
+    restored = pickle.loads(pickle.dumps(WindowDataset(data, 64, 1)))
+    assert torch_equal(restored[windows - 1][0], WindowDataset(data, 64, 1)[windows - 1][0])
 
 
 def test_datamodule_loaders(small_corpus, tmp_path):
@@ -148,3 +167,34 @@ def test_zero_windows_is_a_clear_error(tmp_path):
     dm = LMDataModule(str(f), None, str(tmp_path / "tok.json"), context_length=64, batch_size=1)
     with pytest.raises(LingmaoError, match=r"short.jsonl.*no window.*1 documents, 7 tokens"):
         dm.setup("fit")
+
+
+# ----------------------------------------------------------------------------------------------
+# DataConfig: the data keys, their ranges, the checks of the files they name
+# ----------------------------------------------------------------------------------------------
+def test_data_config_from_the_composed_config_and_its_checks(conf_dir, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        cfg = compose("train")
+    d = DataConfig.of(cfg.data)
+    assert d.val_fraction == 0.02 and d.txt_mode == "block" and Path(d.train_file).is_file()
+    d.check()  # the bundled corpus is there
+    with pytest.raises(LingmaoError, match=r"^data.val_fraction=1.0: out of range; allowed: a number in \[0, 1\)$"):
+        DataConfig(train_file="a.jsonl", val_fraction=1.0)
+    with pytest.raises(LingmaoError, match=r"^data.txt_mode='lines': not allowed; allowed: one of block, file$"):
+        DataConfig(train_file="a.jsonl", txt_mode="lines")
+    with pytest.raises(LingmaoError, match=r"data.template='\{0\}': use named fields"):
+        DataConfig(train_file="a.jsonl", template="{0}")
+    with pytest.raises(LingmaoError, match=r"data.train_file: a value is required"):
+        DataConfig()
+    with pytest.raises(LingmaoError, match="data.nope: unknown key"):
+        DataConfig.of({"train_file": "a.jsonl", "nope": 1})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LingmaoError) as info:
+        DataConfig(train_file="a.jsonl", test_file=["b.jsonl", "c/*.txt"]).check()
+    assert str(info.value) == (
+        f"data.train_file: a.jsonl: file not found (relative to {tmp_path}); "
+        f"data.test_file: b.jsonl: file not found (relative to {tmp_path}); "
+        f"data.test_file: c/*.txt: matches no file (relative to {tmp_path})"
+    )

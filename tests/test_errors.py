@@ -23,10 +23,10 @@ from hydra.errors import HydraException
 from lingmao.cli import describe_hydra_error
 from lingmao.config import CONF_DIR, TrainConfig, compose_config, validate
 from lingmao.data import ReadReport, iter_documents
+from lingmao.data.tokenizer import load_tokenizer
 from lingmao.errors import LingmaoError
 from lingmao.export import load_model
 from lingmao.hardware import available_accelerators
-from lingmao.tokenizer import load_tokenizer
 from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,10 +52,10 @@ class Workspace:
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         return path
 
-    def folder(self, name: str) -> Path:
+    def folder(self, name: str, note: str = "notes.txt") -> Path:
         """A folder of the user's, not an export: an export must never replace it."""
         (self.root / name).mkdir()
-        (self.root / name / "notes.txt").write_text("the user's own file")
+        (self.root / name / note).write_text("the user's own file")
         return self.root / name
 
     def snapshot(self) -> None:
@@ -106,6 +106,12 @@ def with_file(name: str, content: str | bytes, key: str = "data.train_file", *ex
     return lambda w: w.overrides(f"{key}={w.write(name, content)}", *extra)
 
 
+def fresh_run(overrides: list[str]) -> list[str]:
+    """The overrides as a new two-step run of its own (another run name), so it trains before failing."""
+    kept = [o for o in overrides if not o.startswith(("run_name=", "trainer.max_steps="))]
+    return [*kept, "run_name=fresh", "trainer.max_steps=2"]
+
+
 Row = tuple[str, Callable[[Workspace], list[str]], list[str]]
 ROWS: list[Row] = [
     # --- config: unknown keys, types, ranges, cross-field rules
@@ -131,7 +137,16 @@ ROWS: list[Row] = [
     ("betas", lambda w: w.overrides("optim.betas=[0.9]"), ["optim.betas", "two numbers"]),
     # --- files the config names, checked before anything is read
     ("no-file", lambda w: w.overrides(f"data.train_file={w.root / 'nope.jsonl'}"), ["nope.jsonl: file not found"]),
-    ("directory", lambda w: w.overrides(f"data.train_file={w.root}"), ["data.train_file", "is a directory"]),
+    # (a directory of data files is an input: a folder without any is the mistake)
+    ("directory", lambda w: w.overrides(f"data.train_file={w.folder('mine', 'notes.md')}"),
+     ["data.train_file", "is a directory", "no .jsonl"]),
+    ("glob", lambda w: w.overrides(f"data.train_file='{w.root}/*.jsonl.gz'"), ["data.train_file", "matches no file"]),
+    ("list", lambda w: w.overrides(f"data.train_file=[{w.train},{w.root / 'nope.txt'}]"),
+     ["data.train_file", "nope.txt: file not found"]),
+    ("no-val-file", lambda w: w.overrides(f"data.val_file={w.root / 'val.jsonl'}"),
+     ["data.val_file", "val.jsonl: file not found"]),
+    ("val-fraction", lambda w: w.overrides("data.val_fraction=1"), ["data.val_fraction=1", "[0, 1)"]),
+    ("txt-mode", lambda w: w.overrides("data.txt_mode=line"), ["data.txt_mode='line'", "block, file"]),
     ("empty-file", lambda w: w.overrides(f"data.train_file={w.write('empty.jsonl', b'')}"), ["empty.jsonl", "empty"]),
     ("not-a-checkpoint", lambda w: w.overrides(f"resume_from={w.train}"),
      ["resume_from", "train.jsonl", "not a checkpoint"]),
@@ -148,7 +163,9 @@ ROWS: list[Row] = [
     ("truncated-gz", lambda w: w.overrides(
         f"data.train_file={w.write('t.jsonl.gz', gzip.compress(w.train.read_bytes())[:-200])}"),
      ["t.jsonl.gz", "damaged gzip"]),
-    ("bad-test-file", with_file("bt.jsonl", LINE_A + "[1, 2]\n", "data.test_file"), ["bt.jsonl:2:", "JSON object"]),
+    # The test file is read only by the test, after training (a new run here: the workspace's own is kept).
+    ("bad-test-file", lambda w: fresh_run(with_file("bt.jsonl", LINE_A + "[1, 2]\n", "data.test_file")(w)),
+     ["bt.jsonl:2:", "JSON object"]),
     ("zero-windows", with_file("short.jsonl", '{"text": "床前明月光"}\n', "data.train_file", "data.context_length=900"),
      ["short.jsonl", "no window", "1 documents", "7 tokens", "context_length"]),
     ("bad-tokenizer", lambda w: w.overrides(f"data.tokenizer_path={w.write('tok.json', '{not json')}"),
@@ -252,7 +269,7 @@ def test_corrupt_tokenizer(tmp_path: Path, content: bytes, expected: str) -> Non
 
 
 def test_corrupt_export(tmp_path: Path) -> None:
-    from lingmao.tokenizer import save_tokenizer, train_tokenizer
+    from lingmao.data.tokenizer import save_tokenizer, train_tokenizer
 
     export = tmp_path / "export"
     export.mkdir()

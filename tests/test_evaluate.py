@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from lingmao import LingmaoError, export_model, load_model
 from lingmao.data import iter_documents
+from lingmao.data.tokenizer import train_tokenizer
 from lingmao.evaluate import evaluate_file
 from lingmao.model import ModelConfig, build_model
-from lingmao.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

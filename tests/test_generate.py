@@ -16,9 +16,9 @@ from pypinyin import Style, pinyin
 
 from lingmao import LingmaoError, SimpleTransformer, export_model, load_model
 from lingmao.data import iter_documents
+from lingmao.data.tokenizer import train_tokenizer
 from lingmao.export import LingmaoModel
 from lingmao.forms import FORMS, RHYME_CLASSES, check_poem, is_han, rhyme_group
-from lingmao.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

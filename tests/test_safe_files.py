@@ -21,10 +21,10 @@ import torch
 
 from lingmao import export_model, load_model
 from lingmao.checkpointing import load_checkpoint_file
+from lingmao.data.tokenizer import train_tokenizer
 from lingmao.errors import LingmaoError
 from lingmao.export import READY
 from lingmao.model import ModelConfig, build_model
-from lingmao.tokenizer import train_tokenizer
 from tests.conftest import tiny_overrides
 from tests.test_interrupt import start, wait_for
 

@@ -162,7 +162,7 @@ class ExactResume(L.Callback):
         self._after_step = collect_rng_states()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        from lingmao.tokenizer import tokenizer_fingerprint
+        from lingmao.data.tokenizer import tokenizer_fingerprint
 
         meta = checkpoint.setdefault(META_KEY, {})
         meta["rng"] = self._after_step if self._after_step is not None else collect_rng_states()
