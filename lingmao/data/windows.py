@@ -131,7 +131,8 @@ class EpochShuffleSampler(Sampler[int]):
     Lightning calls `set_epoch` at every epoch start. Under torch.distributed each rank takes every
     world_size-th index of the permutation (read at iteration time, so the sampler can be built
     before the process group exists; the trainer then needs `use_distributed_sampler=False`).
-    `resume_at(epoch, skip)` makes the next iteration start `skip` indices into that epoch's order.
+    `resume_at(epoch, done)` makes the next iteration start after the first `done` indices of that epoch's
+    order (counted over all ranks), whatever the number of ranks that consumed them.
     """
 
     def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -156,8 +157,8 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.length // self._rank_and_world()[1]
 
-    def order(self, epoch: int) -> list[int]:
-        """This rank's indices for `epoch`."""
+    def order(self, epoch: int, done: int = 0) -> list[int]:
+        """This rank's indices for `epoch`, after the first `done` of the epoch's order."""
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + epoch)
@@ -165,13 +166,14 @@ class EpochShuffleSampler(Sampler[int]):
         else:
             indices = list(range(self.length))
         rank, world = self._rank_and_world()
-        return indices[rank : len(self) * world : world]
+        rest = indices[done:]
+        return rest[rank : len(rest) // world * world : world]
 
     def __iter__(self) -> Iterator[int]:
-        skip = 0
+        done = 0
         if self._resume is not None:
-            (self.epoch, skip), self._resume = self._resume, None
-        return iter(self.order(self.epoch)[skip:])
+            (self.epoch, done), self._resume = self._resume, None
+        return iter(self.order(self.epoch, done))
 
 
 class ResumableDataLoader(DataLoader):
@@ -179,7 +181,9 @@ class ResumableDataLoader(DataLoader):
 
     Lightning stores `state_dict()` of a train loader that has one in every checkpoint and calls
     `load_state_dict()` on resume, so a run stopped mid-epoch continues with exactly the batches it
-    would have seen. The position is counted in samples handed out, so it survives a change of batch size.
+    would have seen. The place is counted in samples of the epoch handed out over all ranks (`done`), so it
+    survives a change of batch size and of the number of processes: a 2-process run resumed on 1 (or 1 on 2)
+    sees the rest of the epoch, each window once.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -187,19 +191,23 @@ class ResumableDataLoader(DataLoader):
         if not isinstance(self.sampler, EpochShuffleSampler):
             raise TypeError("ResumableDataLoader needs an EpochShuffleSampler")
         self._epoch = 0
-        self._position = 0
+        self._start = 0  # samples of the epoch done (all ranks) when this iteration began
+        self._position = 0  # samples this rank has handed out since
+        self._world = 1
 
     def __iter__(self) -> Iterator:
         sampler: EpochShuffleSampler = self.sampler
         resume = sampler._resume
-        self._epoch, self._position = resume if resume is not None else (sampler.epoch, 0)
+        self._epoch, self._start = resume if resume is not None else (sampler.epoch, 0)
+        self._position, self._world = 0, sampler._rank_and_world()[1]
         for batch in super().__iter__():
             self._position += self.batch_size or 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
         sampler: EpochShuffleSampler = self.sampler
-        return {"epoch": self._epoch, "position": self._position, "seed": sampler.seed, "length": sampler.length}
+        return {"epoch": self._epoch, "done": self._start + self._position * self._world,
+                "world_size": self._world, "seed": sampler.seed, "length": sampler.length}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler: EpochShuffleSampler = self.sampler
@@ -210,7 +218,9 @@ class ResumableDataLoader(DataLoader):
             )
             return
         sampler.seed = int(state["seed"])
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if position + (self.batch_size or 1) > len(sampler):  # the epoch was complete: start the next one
-            epoch, position = epoch + 1, 0
-        sampler.resume_at(epoch, position)
+        epoch = int(state["epoch"])
+        done = int(state["done"]) if "done" in state else int(state["position"])  # checkpoints of one process
+        world = sampler._rank_and_world()[1]
+        if done + (self.batch_size or 1) * world > sampler.length:  # the epoch was complete: start the next one
+            epoch, done = epoch + 1, 0
+        sampler.resume_at(epoch, done)
