@@ -144,7 +144,7 @@ def test_loader_state_continues_mid_epoch_at_epoch_end_and_with_another_batch_si
     seen = [next(it) for _ in range(3)]
     state = a.state_dict()
     rest = list(it)
-    assert state == {"epoch": 2, "position": 12, "seed": 7, "length": 40}
+    assert state == {"epoch": 2, "done": 12, "world_size": 1, "seed": 7, "length": 40}
 
     b = _loader()
     b.load_state_dict(state)
