@@ -8,11 +8,13 @@ and rhyme misses, then fewest strict faults). Lenient faults at the even positio
 poem breaks 对/粘 or the 二四六 alternation ("对粘" below); the other lenient faults are 孤平, 三平尾, 三仄尾.
 The strict faults that lenient checking allows are the poet's liberties at the free positions.
 
-Ci: the clauses must have the tune's lengths and marks (`lingmao.verse.tunes`); each rhyme set of the tune must
-end in one section of the 词林正韵 with the tones the tune gives. Ci have no tone pattern here.
+Ci: the clauses must have the tune's lengths (`lingmao.verse.tunes`; punctuation varies between editions and is
+not judged); each rhyme set of the tune must end in one section of the 词林正韵 with the tones the tune gives.
+Ci have no tone pattern here.
 
 Form detection (no form given): a title naming a tune whose template the poem matches -> that tune; else 4 or 8
-lines of 5 or 7 characters -> that shi form; else the most frequent tune with exactly this shape; else no form.
+lines of 5 or 7 characters -> that shi form; else the most frequent tune with exactly these clause lengths; else
+no form.
 With form=ci and no tune, the tune is the one the title names, else the one with the poem's shape.
 """
 
@@ -148,19 +150,19 @@ def _shi_form_of(parts: list[Clause]) -> str | None:
     return _BY_SHAPE.get((lengths.pop(), len(parts)))
 
 
-def _tune_shape(parts: list[Clause]) -> str:
-    return shape(parts).replace("|", "")
+def _lengths(parts: list[Clause]) -> tuple[int, ...]:
+    return tuple(len(c) for c in parts)
 
 
 def _tune_by_shape(parts: list[Clause]) -> tunes.Tune | None:
-    target = _tune_shape(parts)
-    return next((t for t in tunes.tunes() if t.shape.replace("|", "") == target), None)
+    target = _lengths(parts)
+    return next((t for t in tunes.tunes() if tuple(n for n, _ in t.clauses) == target), None)
 
 
 def detect(parts: list[Clause], title: str | None = None) -> tuple[str | None, tunes.Tune | None]:
     """(form, tune) by the rules of the module docstring."""
     named = tunes.find_tune(title) if title else None
-    if named is not None and named.shape.replace("|", "") == _tune_shape(parts):
+    if named is not None and tuple(n for n, _ in named.clauses) == _lengths(parts):
         return CI, named
     shi = _shi_form_of(parts)
     if shi is not None:
@@ -260,11 +262,9 @@ def _check_ci(verdict: Verdict, parts: list[Clause], tune: tunes.Tune) -> None:
     want = tune.clauses
     if len(parts) != len(want):
         verdict.format_problems.append(f"{len(parts)} clauses, {tune.name} has {len(want)} ({tune.shape})")
-    for i, (c, (length, mark)) in enumerate(zip(parts, want, strict=False)):
+    for i, (c, (length, _)) in enumerate(zip(parts, want, strict=False)):
         if len(c) != length or not all(is_han(ch) for ch in c.text):
             verdict.format_problems.append(f"clause {i + 1} '{c.text}' is not {length} Han characters")
-        elif c.mark and c.mark != mark:
-            verdict.format_problems.append(f"clause {i + 1} ends with '{c.mark}', {tune.name} has '{mark}'")
     if verdict.format_problems or verdict.rhyme_mode == "none":
         return
     for members in tune.rhymes:
