@@ -70,19 +70,24 @@ def read_text(path: Path, separator: str) -> Iterator[Poem]:
 
 def poems(cfg: DictConfig) -> Iterator[Poem]:
     if bool(cfg.get("text")) == bool(cfg.get("file")):
-        raise LingmaoError("give exactly one of text=POEM or file=PATH (.jsonl, .jsonl.gz or plain text)")
+        raise LingmaoError("give exactly one of text=POEM or file=PATH (.jsonl, .jsonl.gz or plain text; a list "
+                           "[A,B] for several)")
     if cfg.get("text"):
         yield Poem("text", str(cfg.text))
         return
-    path = Path(str(cfg.file))
-    if not path.is_file():
-        raise LingmaoError(f"file: {path}: file not found")
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        yield from read_jsonl(path, str(cfg.text_key), cfg.get("title_key"), cfg.get("source"))
-    else:
-        if cfg.get("source"):
-            raise LingmaoError("source: only for JSONL files")
-        yield from read_text(path, str(cfg.separator or ""))
+    files = [cfg.file] if isinstance(cfg.file, str) else list(cfg.file)
+    for name in files:
+        path = Path(str(name))
+        if not path.is_file():
+            raise LingmaoError(f"file: {path}: file not found")
+    for name in files:
+        path = Path(str(name))
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from read_jsonl(path, str(cfg.text_key), cfg.get("title_key"), cfg.get("source"))
+        else:
+            if cfg.get("source"):
+                raise LingmaoError("source: only for JSONL files")
+            yield from read_text(path, str(cfg.separator or ""))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

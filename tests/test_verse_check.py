@@ -53,8 +53,11 @@ def test_tunes_table():
 
 def test_detection_and_ci_verdicts():
     assert check(DENGGAO).form == "qilv" and check(JINGYESI).form == "wujue"
-    verdict = check(HUANXISHA)
+    verdict = check(HUANXISHA, title="浣溪沙")
     assert (verdict.form, verdict.tune, verdict.detected) == ("ci", "浣溪沙", True)
+    assert check(HUANXISHA).form is None  # six lines of seven: as likely an old-style shi
+    rumengling = check("常记溪亭日暮。沉醉不知归路。兴尽晚回舟，误入藕花深处。争渡。争渡。惊起一滩鸥鹭。")
+    assert (rumengling.form, rumengling.tune) == ("ci", "如梦令") and rumengling.rhyme_ok
     assert verdict.format_ok and verdict.rhyme_ok and verdict.rhyme_class == ["第三部"]  # 杯 台 回 来 徊: 灰/咍
     assert verdict.tones_lenient is None  # ci have no tone pattern here
     # A 生查子 has the shape of a 五律: the title decides.
@@ -80,13 +83,13 @@ def test_tone_marks():
     marks = tone_marks(check(DENGGAO)).splitlines()
     assert marks[0] == DENGGAO.splitlines()[0]
     assert marks[1] == "○●○○○●○，●○○●●○◐。  十灰"  # 回 is 平 (十灰) and 仄 (队)
-    assert tone_marks(check(HUANXISHA)).splitlines()[1].endswith("  第三部")
+    assert tone_marks(check(HUANXISHA, tune="浣溪沙")).splitlines()[1].endswith("  第三部")
 
 
 def test_summary_rates():
     summary = Summary()
-    for poem in (DENGGAO, JINGYESI, HUANXISHA, "春夏秋冬"):
-        summary.add(check(poem))
+    for poem, title in ((DENGGAO, None), (JINGYESI, None), (HUANXISHA, "浣溪沙"), ("春夏秋冬", None)):
+        summary.add(check(poem, title=title))
     rates = summary.rates()
     assert summary.poems == 4 and rates["format"] == 1.0  # 3 poems with a form, all well-formed
     assert rates["tones lenient"] == 0.5 and rates["rhyme"] == 1.0  # 2 shi: 登高 yes, 静夜思 no
@@ -107,6 +110,8 @@ def test_check_app_on_jsonl_and_text(tmp_path, capsys):
     assert saved["poems"][0]["where"] == f"{path}:1"
     printed = capsys.readouterr().out
     assert f"{tang} poems" in printed and "tones lenient" in printed
+    twice = run(cfg(f"file=[{path},{path}]", "source=quantangshi", "details=false"))
+    assert twice["summary"]["poems"] == 2 * tang
     with pytest.raises(LingmaoError, match="exists"):
         run(cfg(f"file={path}", f"output={out}"))  # never overwrites a file
     text = tmp_path / "poems.txt"

@@ -185,6 +185,10 @@ def test_prompts_are_checked_against_the_pattern(lm):
     prompt = "青山橫北郭，白水繞東城。\n此地一為別，"
     for poem in lm.generate(prompt, form="wujue", num_samples=10, seed=7):
         assert poem.startswith(prompt) and check(poem, "wujue").tones_lenient
+    # 啼 is not in the Pingshui table: a character the user fixes gets the benefit of the doubt, as in the checker.
+    assert pingshui.tones("啼") == frozenset()
+    for poem in lm.generate("朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，", form="qijue", num_samples=5, seed=7):
+        assert check(poem, "qijue").regulated
     with pytest.raises(LingmaoError, match="孤平"):
         lm.generate(prompt + "獨蓬萬里", form="wujue")  # 仄平仄仄: 孤平 whatever ends the line
     with pytest.raises(LingmaoError, match="no way to write form=wujue tones=strict"):

@@ -13,8 +13,8 @@ not judged); each rhyme set of the tune must end in one section of the 词林正
 Ci have no tone pattern here.
 
 Form detection (no form given): a title naming a tune whose template the poem matches -> that tune; else 4 or 8
-lines of 5 or 7 characters -> that shi form; else the most frequent tune with exactly these clause lengths; else
-no form.
+lines of 5 or 7 characters -> that shi form; else the most frequent tune with exactly these clause lengths, when
+they are not all alike; else no form.
 With form=ci and no tune, the tune is the one the title names, else the one with the poem's shape.
 """
 
@@ -155,7 +155,11 @@ def _lengths(parts: list[Clause]) -> tuple[int, ...]:
 
 
 def _tune_by_shape(parts: list[Clause]) -> tunes.Tune | None:
+    """The most frequent tune with these clause lengths, if they are not all alike (six lines of seven
+    characters are as likely an old-style shi as a 浣溪沙)."""
     target = _lengths(parts)
+    if len(set(target)) < 2:
+        return None
     return next((t for t in tunes.tunes() if tuple(n for n, _ in t.clauses) == target), None)
 
 

@@ -234,6 +234,13 @@ def ci_variants(tune: Tune, rhyme_mode: str) -> list[Variant]:
     return [Variant(tune.name, (FREE,) * n, (), sets)]
 
 
+def fixed_char_fits(ch: str) -> torch.Tensor:
+    """bool [4] like `char_tone_fits`, but a Han character of unknown tone fits any need: characters the user
+    fixes (prompt, acrostic) get the benefit of the doubt, as in the checker; sampled ones must be known."""
+    fits = char_tone_fits(ch)
+    return torch.ones(4, dtype=torch.bool) if bool(fits[FREE]) and not bool(fits[KNOWN]) else fits
+
+
 def _show(ch: str | None) -> str:
     return "\\n" if ch == "\n" else str(ch)
 
@@ -370,7 +377,7 @@ class FormConstraint:
         return len(prompt)
 
     def _fits(self, ch: str, need: int) -> bool:
-        return bool(char_tone_fits(ch)[need])
+        return bool(fixed_char_fits(ch)[need])
 
     def _problem(self, v: Variant) -> tuple[str | None, list[torch.Tensor]]:
         """Why variant `v` cannot be followed with this vocabulary and these fixed characters (None: it can),
@@ -471,10 +478,7 @@ class _State:
         for k, slot_index in enumerate(c.char_slots):
             if slot_index >= c.start:
                 break
-            ch = c.fixed[k]  # a character of the prompt
-            fits = char_tone_fits(ch).to(device).unsqueeze(1).expand(-1, batch)
-            classes = char_rhyme_classes(ch, c.system).to(device).unsqueeze(-1).expand(-1, -1, batch)
-            self._fold(k, fits, classes)
+            self._fold_fixed(k)  # a character of the prompt
 
     def one_hot(self, token: int) -> torch.Tensor:
         allowed = torch.zeros(self.batch, self.c.size, dtype=torch.bool, device=self.device)
@@ -503,10 +507,18 @@ class _State:
     def fold_token(self, slot_index: int, tokens: torch.Tensor) -> None:
         """Take in the tokens sampled at `slot_index`."""
         k = self.c.char_index.get(slot_index)
-        if k is not None:
+        if k in self.c.fixed:
+            self._fold_fixed(k)  # an acrostic character
+        elif k is not None:
             classes = self.rhyme_masks[:, :, tokens] if self.rhyme_masks is not None else None
             self._fold(k, self.tone_masks[:, tokens], classes)
         self.consumed += 1
+
+    def _fold_fixed(self, k: int) -> None:
+        ch = self.c.fixed[k]
+        fits = fixed_char_fits(ch).to(self.device).unsqueeze(1).expand(-1, self.batch)
+        classes = char_rhyme_classes(ch, self.c.system).to(self.device).unsqueeze(-1).expand(-1, -1, self.batch)
+        self._fold(k, fits, classes)
 
     def _fold(self, k: int, fits: torch.Tensor, classes: torch.Tensor | None) -> None:
         """fits: bool [4, batch] (FREE, KNOWN, LEVEL, OBLIQUE); classes: bool [3, C, batch] of the characters."""
