@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lingmao.check import run
-from lingmao.config import CONF_DIR, quote_unicode_overrides
+from lingmao.cli import quote_unicode_overrides
+from lingmao.config import CONF_DIR
 from lingmao.errors import LingmaoError
 from lingmao.verse.checker import Summary, check
 from lingmao.verse.notation import tone_marks

@@ -284,7 +284,8 @@ def test_evaluate_verse(lm):
 def test_generate_app_shows_tones(lm, tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
-    from lingmao.config import CONF_DIR, quote_unicode_overrides
+    from lingmao.cli import quote_unicode_overrides
+    from lingmao.config import CONF_DIR
     from lingmao.generate import run
 
     model_dir = export_model(tmp_path / "model", lm.model, lm.tokenizer, {"d_model": 64, "nhead": 2,
