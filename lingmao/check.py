@@ -75,7 +75,9 @@ def poems(cfg: DictConfig) -> Iterator[Poem]:
     if cfg.get("text"):
         yield Poem("text", str(cfg.text))
         return
-    files = [cfg.file] if isinstance(cfg.file, str) else list(cfg.file)
+    files = list(cfg.file) if not isinstance(cfg.file, str) else [cfg.file]
+    if len(files) == 1 and str(files[0]).startswith("[") and str(files[0]).endswith("]"):
+        files = [f.strip() for f in str(files[0])[1:-1].split(",") if f.strip()]  # a list quoted as one string
     for name in files:
         path = Path(str(name))
         if not path.is_file():

@@ -253,8 +253,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             on_bad_line=cfg.data.on_bad_line, txt_mode=cfg.data.get("txt_mode"),
         )
     if samples > 0:
+        forms = verse.get("forms") or []
+        if isinstance(forms, str):  # verse.forms=[qilv,浣溪沙] arrives quoted, as one string (Chinese in it)
+            forms = [f.strip() for f in forms.strip("[]").split(",") if f.strip()]
         results["verse"] = evaluate_verse(
-            lm, list(verse.get("forms") or []), samples, rhyme=verse.get("rhyme"), tones=verse.get("tones"),
+            lm, list(forms), samples, rhyme=verse.get("rhyme"), tones=verse.get("tones"),
             batch_size=int(verse.get("batch_size") or 100), seed=int(verse.get("seed") or 0),
             temperature=float(verse.get("temperature", 0.8)), top_p=float(verse.get("top_p", 0.9)),
         )

@@ -111,7 +111,9 @@ def test_check_app_on_jsonl_and_text(tmp_path, capsys):
     assert saved["poems"][0]["where"] == f"{path}:1"
     printed = capsys.readouterr().out
     assert f"{tang} poems" in printed and "tones lenient" in printed
-    twice = run(cfg(f"file=[{path},{path}]", "source=quantangshi", "details=false"))
+    named = tmp_path / "唐诗.jsonl"  # a Chinese name: the list arrives quoted, as one string
+    named.write_bytes(path.read_bytes())
+    twice = run(cfg(f"file=[{path},{named}]", "source=quantangshi", "details=false"))
     assert twice["summary"]["poems"] == 2 * tang
     with pytest.raises(LingmaoError, match="exists"):
         run(cfg(f"file={path}", f"output={out}"))  # never overwrites a file
@@ -137,3 +139,10 @@ def test_check_cli(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "七律 (qilv), 仄起首句入韵" in proc.stdout and "tones lenient ok, strict FAIL" in proc.stdout
+
+
+def test_the_verse_package_needs_neither_lightning_nor_hydra():
+    modules = ", ".join(f"lingmao.verse.{m}" for m in ("checker", "forms", "notation", "tunes", "vocab", "meter"))
+    code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'hydra'}}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

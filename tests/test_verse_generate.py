@@ -306,6 +306,16 @@ def test_generate_app_shows_tones(lm, tmp_path, capsys):
     group = out[out.index(poem_lines[1]) + 1].split()[-1]
     assert group in {g.name for g in pingshui.level_groups(poem_lines[1][-2])}
     assert out[-1].startswith("○ 平  ● 仄")
+    # The evaluation app with verse samples only; a list with Chinese in it arrives as one quoted string.
+    from lingmao.evaluate import run as evaluate
+
+    overrides = [f"model_dir={model_dir}", "verse.samples=4", "verse.forms=[wujue,浣溪沙]", "device=cpu",
+                 f"output={tmp_path / 'eval.json'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=quote_unicode_overrides(overrides))
+    results = evaluate(cfg)
+    assert set(results["verse"]) == {"wujue", "浣溪沙"} and "loss" not in results
+    assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["verse"]["wujue"]["samples"] == 4
 
 
 def test_list_tunes():
