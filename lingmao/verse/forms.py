@@ -217,7 +217,8 @@ def shi_variants(
             if rule.lone_level is not None:
                 a, b = rule.lone_level
                 lone.append((i * chars + a, i * chars + b))
-        out.append(Variant(p.name, tuple(need), tuple(lone), rhyme_sets(p.rhyme_lines)))
+        rhyme_lines = p.rhyme_lines if rhyme_mode == "pingshui" else tuple(range(1, lines, 2))  # modern: even lines
+        out.append(Variant(p.name, tuple(need), tuple(lone), rhyme_sets(rhyme_lines)))
     return out
 
 
