@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lingmao.data import iter_documents  # noqa: E402
+from lingmao.data.tokenizer import train_tokenizer  # noqa: E402
 from lingmao.export import LingmaoModel, load_model  # noqa: E402
 from lingmao.model import SimpleTransformer  # noqa: E402
-from lingmao.tokenizer import train_tokenizer  # noqa: E402
 from lingmao.verse import forms  # noqa: E402
 
 SAMPLE = REPO / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"

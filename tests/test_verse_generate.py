@@ -16,9 +16,9 @@ import torch
 
 from lingmao import LingmaoError, SimpleTransformer, export_model
 from lingmao.data import iter_documents
+from lingmao.data.tokenizer import special_ids, train_tokenizer
 from lingmao.evaluate import distinct_n, evaluate_verse
 from lingmao.export import LingmaoModel
-from lingmao.tokenizer import special_ids, train_tokenizer
 from lingmao.verse import cilin, meter, pingshui
 from lingmao.verse.checker import check
 from lingmao.verse.forms import FORMS, FormConstraint
