@@ -1,7 +1,11 @@
 """`python -m lingmao.evaluate model_dir=DIR data.test_file=FILE`: loss, perplexity and bits per character.
 
-`data.test_file` takes what training's inputs take: a path, a list, a directory or a glob. The text is
-tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
+`data.test_file` takes what training's inputs take: a path, a list, a directory or a glob. With
+`verse.samples=N` it also generates N poems per form (`verse.forms`: shi forms or ci tune names) and
+reports the checker's rates (`lingmao.verse.checker`: format, rhyme, 对粘, tones lenient and strict) and
+distinct-1 / distinct-2 (distinct character n-grams over all n-grams of the N poems, within clauses).
+
+The text is tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
 non-overlapping windows of the model's context length; the last, shorter window is scored too,
 so every token but the first `<bos>` is predicted exactly once.
 
@@ -150,10 +154,83 @@ def evaluate_file(
     }
 
 
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams / all n-grams of Han characters, n-grams taken within clauses (0 when there are none)."""
+    from lingmao.verse.han import is_han
+    from lingmao.verse.shape import clauses
+
+    grams = [
+        clause.text[i : i + n]
+        for text in texts
+        for clause in clauses(text)
+        for i in range(len(clause.text) - n + 1)
+        if all(is_han(ch) for ch in clause.text[i : i + n])
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate_verse(
+    lm: Any,
+    forms: list[str],
+    samples: int,
+    *,
+    rhyme: str | None = "none",
+    tones: str | None = "off",
+    batch_size: int = 100,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """Generate `samples` poems per form and score them; form -> {rates, distinct-1, distinct-2, example}.
+
+    A form is a shi form (wujue, qijue, wulv, qilv) or a ci tune name. `rhyme` and `tones` are the
+    constraints used while generating (the defaults measure what the model writes by itself); the checking
+    is always by the Pingshui rules. `options` go to `LingmaoModel.generate` (temperature, top_p, ...).
+    """
+    from lingmao.verse.checker import Summary, check
+
+    if samples < 1:
+        raise LingmaoError(f"verse.samples: {samples} must be >= 1")
+    if batch_size < 1:
+        raise LingmaoError(f"verse.batch_size: {batch_size} must be >= 1")
+    results: dict[str, dict[str, Any]] = {}
+    for name in forms:
+        kind = _form_or_tune(str(name))
+        texts: list[str] = []
+        for start in range(0, samples, batch_size):
+            count = min(batch_size, samples - start)
+            texts += lm.generate("", **kind, rhyme=rhyme, tones=tones if "form" in kind else "off",
+                                 num_samples=count, seed=seed + start, **options)
+        summary = Summary()
+        for text in texts:
+            summary.add(check(text, kind.get("form"), tune=kind.get("tune")))
+        group = next(iter(summary.forms))
+        results[name] = {
+            "samples": len(texts), **summary.rates(group), "distinct-1": distinct_n(texts, 1),
+            "distinct-2": distinct_n(texts, 2), "example": texts[0],
+        }
+    return results
+
+
+def _form_or_tune(name: str) -> dict[str, str]:
+    """{"form": "wujue"} for a shi form, {"tune": name} for a ci tune."""
+    from lingmao.verse.forms import CI, FORM_ALIASES, FORMS
+    from lingmao.verse.tunes import find_tune
+
+    if name in FORMS or FORM_ALIASES.get(name, CI) != CI:
+        return {"form": FORM_ALIASES.get(name, name)}
+    if find_tune(name) is not None:
+        return {"tune": name}
+    raise LingmaoError(f"verse.forms: '{name}' is neither a shi form (wujue, qijue, wulv, qilv) nor a ci tune")
+
+
 def default_output(cfg: DictConfig) -> Path:
     name = Path(cfg.model_dir).name if cfg.get("model_dir") else Path(cfg.ckpt).stem
-    first = cfg.data.test_file if isinstance(cfg.data.test_file, str) else cfg.data.test_file[0]
-    stem = Path(first).name.split(".")[0] or "files"
+    test_file = cfg.data.get("test_file")
+    if test_file:
+        first = test_file if isinstance(test_file, str) else test_file[0]
+        stem = Path(first).name.split(".")[0] or "files"
+    else:
+        stem = "verse"
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default="outputs")
     return Path(output_dir) / "eval" / slug(f"{name}_{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
 
@@ -162,23 +239,42 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lingmao.generate import load_for_inference
     from lingmao.io import atomic_write_bytes
 
-    if not cfg.data.get("test_file"):
+    verse = cfg.get("verse") or {}
+    samples = int(verse.get("samples") or 0)
+    if not cfg.data.get("test_file") and samples <= 0:
         raise LingmaoError("data.test_file=FILE is required (a .jsonl, .jsonl.gz or .txt file, a list, a folder "
-                           "or a glob of them, to score)")
+                           "or a glob of them, to score), or verse.samples=N (poems per form)")
     lm = load_for_inference(cfg)
-    results = evaluate_file(
-        lm, cfg.data.test_file, context_length=cfg.data.context_length, batch_size=int(cfg.batch_size),
-        text_key=cfg.data.text_key, template=cfg.data.template, convert=cfg.data.convert,
-        on_bad_line=cfg.data.on_bad_line, txt_mode=cfg.data.get("txt_mode"),
-    )
+    results: dict[str, Any] = {}
+    if cfg.data.get("test_file"):
+        results = evaluate_file(
+            lm, cfg.data.test_file, context_length=cfg.data.context_length, batch_size=int(cfg.batch_size),
+            text_key=cfg.data.text_key, template=cfg.data.template, convert=cfg.data.convert,
+            on_bad_line=cfg.data.on_bad_line, txt_mode=cfg.data.get("txt_mode"),
+        )
+    if samples > 0:
+        forms = verse.get("forms") or []
+        if isinstance(forms, str):  # verse.forms=[qilv,浣溪沙] arrives quoted, as one string (Chinese in it)
+            forms = [f.strip() for f in forms.strip("[]").split(",") if f.strip()]
+        results["verse"] = evaluate_verse(
+            lm, list(forms), samples, rhyme=verse.get("rhyme"), tones=verse.get("tones"),
+            batch_size=int(verse.get("batch_size") or 100), seed=int(verse.get("seed") or 0),
+            temperature=float(verse.get("temperature", 0.8)), top_p=float(verse.get("top_p", 0.9)),
+        )
     results["model"] = str(cfg.model_dir or cfg.ckpt)
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg)
     atomic_write_bytes(output, json.dumps(results, ensure_ascii=False, indent=2).encode("utf-8"))
-    print(
-        f"{results['test_file']}: loss {results['loss']:.4f} nats/token, perplexity {results['perplexity']:.2f}, "
-        f"{results['bits_per_character']:.4f} bits/character ({results['predicted_tokens']} tokens, "
-        f"{results['characters']} characters, {results['windows']} windows) -> {output}"
-    )
+    if "loss" in results:
+        print(
+            f"{results['test_file']}: loss {results['loss']:.4f} nats/token, perplexity {results['perplexity']:.2f}, "
+            f"{results['bits_per_character']:.4f} bits/character ({results['predicted_tokens']} tokens, "
+            f"{results['characters']} characters, {results['windows']} windows) -> {output}"
+        )
+    for name, r in results.get("verse", {}).items():
+        rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if k not in ("samples", "example")
+                          and not k.startswith("distinct"))
+        print(f"{name}: {r['samples']} poems: {rates}; distinct-1 {r['distinct-1']:.3f}, "
+              f"distinct-2 {r['distinct-2']:.3f}" + ("" if "loss" in results else f" -> {output}"))
     return results
 
 

@@ -161,9 +161,12 @@ class LingmaoModel:
     def generate(self, prompt: str = "", **options: Any) -> list[str]:
         """Sample text; returns `num_samples` strings, each the prompt followed by the generated text.
 
-        Options (see `lingmao.sampling.generate`): form (wujue, qijue, wulv, qilv), acrostic, rhyme,
-        title, temperature (0 = greedy), top_k, top_p, repetition_penalty, max_new_tokens (free
-        text only: a form fixes the length), num_samples, seed, convert, context_length, stream.
+        Options (see `lingmao.sampling.generate`): form (wujue, qijue, wulv, qilv, or ci with tune=NAME,
+        e.g. tune="浣溪沙"), acrostic, rhyme (pingshui | modern | none; default pingshui with a form), tones
+        (strict | lenient | off; default lenient for a shi form), pattern (auto | 平起 | 仄起),
+        first_line_rhymes (None = either), title, temperature (0 = greedy), top_k, top_p,
+        repetition_penalty, max_new_tokens (free text only: a form fixes the length), num_samples, seed,
+        convert, context_length, stream. Tone marks of a result: `lingmao.verse.notation.tone_marks`.
         """
         from lingmao.sampling import generate  # lazy: sampling imports data and forms
 

@@ -1,7 +1,9 @@
 """`python -m lingmao.generate model_dir=DIR prompt=...`: sample text or verse from a trained model.
 
 With num_samples=1 the text is printed as it is produced; several samples are generated in one
-batch and printed one after the other. Messages go to stderr, poems to stdout.
+batch and printed one after the other. Messages go to stderr, poems to stdout. `show_tones=true` prints
+the tone marks under each line (`lingmao.verse.notation`); `list_tunes=true` lists the ci tunes (no model
+needed).
 """
 
 from __future__ import annotations
@@ -31,13 +33,49 @@ def load_for_inference(cfg: DictConfig):
     return LingmaoModel.from_checkpoint(cfg.ckpt, tokenizer=cfg.get("tokenizer"), device=device)
 
 
+def list_tunes() -> str:
+    """The ci tunes, one a line: name, characters, stanzas, poems in the corpus, shape with its rhymes."""
+    from lingmao.verse.tunes import tunes
+
+    rows = [
+        f"{t.name}\t{t.characters}字\t{'双调' if t.stanza else '单调'}\t{t.poems} poems\t{t.marked_shape()}"
+        for t in tunes()
+    ]
+    note = ("shape: clause lengths, ， or 。 after each, | the stanza break; 平/仄 after a length: the clause "
+            "ends in a rhyme of that tone (韵: either tone); a b c ...: the rhyme sets of a tune that changes rhyme")
+    return "\n".join(rows + [note])
+
+
+def show_tones(texts: list[str], cfg: DictConfig) -> str:
+    """Each poem with its tone marks and pattern (`lingmao.verse.notation`)."""
+    from lingmao.verse.checker import check
+    from lingmao.verse.forms import normalize_form, normalize_rhyme
+    from lingmao.verse.notation import LEGEND, tone_marks
+
+    form = normalize_form(cfg.form or ("ci" if cfg.get("tune") else None))
+    mode = normalize_rhyme(cfg.rhyme, form)
+    out = []
+    for i, text in enumerate(texts, start=1):
+        verdict = check(text, form, tune=cfg.get("tune"), rhyme_mode=mode)
+        head = f"--- {i} ---" if len(texts) > 1 else ""
+        about = verdict.form_name() + (f", {verdict.pattern}" if verdict.pattern else "")
+        out.append("\n".join(x for x in (head, tone_marks(verdict), f"({about})") if x))
+    return "\n".join(out + [LEGEND])
+
+
 def run(cfg: DictConfig) -> list[str]:
     import random
 
+    if cfg.get("list_tunes"):
+        sys.stdout.write(list_tunes() + "\n")
+        return []
     lm = load_for_inference(cfg)
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     log.info("device %s, seed %d", lm.device, seed)
-    streaming = cfg.num_samples == 1
+    marks = bool(cfg.get("show_tones"))
+    if marks and not (cfg.form or cfg.get("tune")):
+        raise LingmaoError("show_tones=true needs a verse form (form=wujue, qijue, wulv, qilv, or ci tune=NAME)")
+    streaming = cfg.num_samples == 1 and not marks
     if streaming:
         # The prompt is printed as typed; what follows is the model's (after data.convert of the prompt).
         def stream(piece: str) -> None:
@@ -47,13 +85,17 @@ def run(cfg: DictConfig) -> list[str]:
         sys.stdout.write(cfg.prompt or "")
         sys.stdout.flush()
     texts = lm.generate(
-        cfg.prompt or "", form=cfg.form, acrostic=cfg.acrostic, rhyme=cfg.rhyme, title=cfg.title,
+        cfg.prompt or "", form=cfg.form, tune=cfg.get("tune"), acrostic=cfg.acrostic, rhyme=cfg.rhyme,
+        tones=cfg.get("tones"), pattern=cfg.get("pattern"), first_line_rhymes=cfg.get("first_line_rhymes"),
+        title=cfg.title,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
         max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, seed=seed, convert=cfg.convert,
         context_length=cfg.context_length, stream=stream if streaming else None,
     )
     if streaming:
         sys.stdout.write("\n")
+    elif marks:
+        sys.stdout.write(show_tones(texts, cfg) + "\n")
     else:
         for i, text in enumerate(texts, start=1):
             sys.stdout.write(f"--- {i} ---\n{text}\n")

@@ -17,7 +17,8 @@ import torch
 from lingmao.data import make_converter
 from lingmao.data.tokenizer import special_ids
 from lingmao.errors import LingmaoError
-from lingmao.forms import FormConstraint, normalize_form, vocab_tables
+from lingmao.verse.forms import FormConstraint, normalize_form, normalize_pattern, normalize_rhyme, normalize_tones
+from lingmao.verse.vocab import vocab_tables
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,12 @@ def generate(
     prompt: str = "",
     *,
     form: str | None = None,
+    tune: str | None = None,
     acrostic: str | None = None,
-    rhyme: bool = False,
+    rhyme: str | bool | None = None,
+    tones: str | None = None,
+    pattern: str | None = "auto",
+    first_line_rhymes: bool | None = None,
     title: str | None = None,
     temperature: float = 0.8,
     top_k: int | None = 0,
@@ -178,6 +183,9 @@ def generate(
 
     Each result is the prompt followed by what was generated (for a form: the whole poem). The title
     is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1).
+    Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
+    rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
+    lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either).
     """
     check_options(temperature, top_k, top_p, repetition_penalty, max_new_tokens, num_samples)
     tok, model, config = lm.tokenizer, lm.model, lm.config or {}
@@ -186,11 +194,16 @@ def generate(
     converter = make_converter(convert) or (lambda s: s)
     prompt = converter(prompt or "")
     acrostic = converter(acrostic or "")
+    if tune and form is None:
+        form = "ci"
     form = normalize_form(form)
-    if (acrostic or rhyme) and form is None:
-        raise LingmaoError(
-            f"{'acrostic' if acrostic else 'rhyme'} needs a verse form: form=wujue, qijue, wulv or qilv"
-        )
+    if acrostic and form is None:
+        raise LingmaoError("acrostic needs a verse form: form=wujue, qijue, wulv or qilv")
+    rhyme = normalize_rhyme(rhyme, form)
+    tones = normalize_tones(tones, form)
+    pattern = normalize_pattern(pattern, form, tones)
+    if first_line_rhymes is not None and (form is None or form == "ci"):
+        raise LingmaoError("first_line_rhymes: for the shi forms (wujue, qijue, wulv, qilv) only")
     ids = special_ids(tok)
     prefix = [ids["bos"]] + _title_prefix(tok, title, data_cfg.get("template"), converter)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
@@ -201,7 +214,10 @@ def generate(
     constraint = None
     steps = max_new_tokens
     if form is not None:
-        constraint = FormConstraint(tok, form, prompt, acrostic, rhyme)
+        constraint = FormConstraint(
+            tok, form, prompt, acrostic, rhyme=rhyme, tones=tones, pattern=pattern,
+            first_line_rhymes=first_line_rhymes, tune=tune,
+        )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
     eligible = vocab_tables(tok).han
     pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]

@@ -18,7 +18,10 @@ from lingmao import LingmaoError, SimpleTransformer, export_model, load_model
 from lingmao.data import iter_documents
 from lingmao.data.tokenizer import train_tokenizer
 from lingmao.export import LingmaoModel
-from lingmao.forms import FORMS, RHYME_CLASSES, check_poem, is_han, rhyme_group
+from lingmao.verse.checker import check
+from lingmao.verse.forms import FORMS
+from lingmao.verse.han import is_han
+from lingmao.verse.modern import RHYME_CLASSES, rhyme_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +50,7 @@ def lm(model_dir) -> LingmaoModel:
 
 
 def independent_layout_check(text: str, form: str) -> None:
-    """The layout, checked without lingmao.forms: line1，line2。\\nline3，line4。..."""
+    """The layout, checked without lingmao.verse: line1，line2。\\nline3，line4。..."""
     chars, lines = FORMS[form]
     line = f"[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U000323af]{{{chars}}}"
     couplet = f"{line}，{line}。"
@@ -59,42 +62,41 @@ def test_forms_are_always_well_formed(lm, form):
     poems = lm.generate("", form=form, num_samples=100, seed=0, temperature=1.0, top_p=1.0)
     assert len(poems) == 100
     for poem in poems:
-        assert check_poem(poem, form) == []
+        assert check(poem, form).format_ok
         independent_layout_check(poem, form)
 
 
 @pytest.mark.parametrize("form", list(FORMS))
-def test_acrostic_and_rhyme(lm, form):
+def test_acrostic_and_modern_rhyme(lm, form):
     chars, lines = FORMS[form]
     acrostic = ACROSTIC[:lines]
     assert all(lm.tokenizer.token_to_id(ch) is not None for ch in acrostic)
-    poems = lm.generate("", form=form, acrostic=acrostic, rhyme=True, num_samples=100, seed=1)
+    poems = lm.generate("", form=form, acrostic=acrostic, rhyme="modern", tones="off", num_samples=100, seed=1)
     for poem in poems:
-        assert check_poem(poem, form, acrostic=acrostic, rhyme=True) == []
+        verdict = check(poem, form, acrostic=acrostic, rhyme_mode="modern")
+        assert verdict.format_ok and verdict.rhyme_ok, verdict.report()
         independent_layout_check(poem, form)
         verse = re.split("[，。\n]+", poem.rstrip("。"))
         assert [v[0] for v in verse] == list(acrostic)
         ends = [verse[i][-1] for i in range(1, lines, 2)]
-        group = rhyme_group(ends[0])
+        group = rhyme_class(ends[0])
         assert group is not None
         for ch in ends:  # independent of the grouping code: pypinyin's own final of each rhyme character
             final = pinyin(ch, style=Style.FINALS, strict=True)[0][0]
             assert final in RHYME_CLASSES[group], (poem, ch, final)
 
 
-def test_rhyme_groups():
-    assert rhyme_group("光") == rhyme_group("江") == rhyme_group("黄") == "ang"
-    assert rhyme_group("天") == rhyme_group("年") == rhyme_group("元") == "an"
-    assert rhyme_group("居") == rhyme_group("衣") == "i"
-    assert rhyme_group("家") != rhyme_group("光")
-    assert rhyme_group("，") is None and not is_han("，") and is_han("㐀")
+def test_rhyme_classes():
+    assert rhyme_class("光") == rhyme_class("江") == rhyme_class("黄") == "ang"
+    assert rhyme_class("家") != rhyme_class("光")
+    assert rhyme_class("，") is None and not is_han("，") and is_han("㐀")
 
 
 def test_prompt_starts_the_poem(lm):
     prompt = "秦川雄帝宅，函谷"
     for poem in lm.generate(prompt, form="wujue", num_samples=5, seed=2):
-        assert poem.startswith(prompt) and check_poem(poem, "wujue") == []
-    assert check_poem(lm.generate("秦川雄帝宅", form="五律", seed=3)[0], "wulv") == []
+        assert poem.startswith(prompt) and check(poem, "wujue").format_ok
+    assert check(lm.generate("秦川雄帝宅", form="五律", seed=3)[0], "wulv").format_ok
     with pytest.raises(LingmaoError, match="does not fit"):
         lm.generate("秦川雄帝宅宅", form="wujue")
     with pytest.raises(LingmaoError, match="acrostic wants"):
@@ -153,7 +155,7 @@ def test_convert_and_title(tmp_path, caplog):
     titled = load_model(export_tiny(tmp_path / "titled", template="{title}\n{text}"))
     ids = _title_prefix(titled.tokenizer, "帝京", "{title}\n{text}", lambda s: s)
     assert titled.tokenizer.decode(ids) == "帝京\n"
-    assert check_poem(titled.generate(form="wujue", title="帝京", seed=0)[0], "wujue") == []
+    assert check(titled.generate(form="wujue", title="帝京", seed=0)[0], "wujue").format_ok
 
 
 def test_from_checkpoint(lm, model_dir, tmp_path):

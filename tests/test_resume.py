@@ -193,7 +193,7 @@ def test_resume_on_another_number_of_processes_sees_each_window_once(monkeypatch
     first, state = take(loaders(before), 3)
     assert state["world_size"] == before and state["done"] == 3 * 4 * before
     rest = []
-    for rank, world, loader, it in loaders(after, state):
+    for rank, world, _loader, it in loaders(after, state):
         monkeypatch.setattr(EpochShuffleSampler, "_rank_and_world", staticmethod(lambda r=rank, w=world: (r, w)))
         rest += [i for batch in it for i in batch.tolist()]
     assert sorted(first + rest) == list(range(60))  # every window of the epoch, each exactly once

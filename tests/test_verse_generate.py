@@ -1,0 +1,327 @@
+"""Verse by construction: constrained samples of a small trained model follow tones, rhymes and ci templates.
+
+The model is trained here for a few dozen steps (`train_tiny_model`, the one place that builds it). Each
+verdict is confirmed by checks written independently of the decoding code: tones against the pattern strings,
+rhymes through the Pingshui table, ci layouts from the tune table's JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+import torch
+
+from lingmao import LingmaoError, SimpleTransformer, export_model
+from lingmao.data import iter_documents
+from lingmao.data.tokenizer import special_ids, train_tokenizer
+from lingmao.evaluate import distinct_n, evaluate_verse
+from lingmao.export import LingmaoModel
+from lingmao.verse import cilin, meter, pingshui
+from lingmao.verse.checker import check
+from lingmao.verse.forms import FORMS, FormConstraint
+from lingmao.verse.han import is_han
+from lingmao.verse.pingshui import PING, ZE
+from lingmao.verse.tunes import TUNES_FILE
+from tests.conftest import SAMPLE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TUNES = ["浣溪沙", "菩萨蛮", "西江月", "如梦令", "清平乐"]
+
+
+def train_tiny_model(steps: int = 40, seed: int = 0) -> LingmaoModel:
+    """A tiny LM trained with a plain torch loop on every 4th poem of the bundled sample (Tang shi and Song ci).
+
+    Characters seen fewer than 5 times are left out of the vocabulary and the model sees the last 24 tokens
+    when sampling: that keeps 100-sample batches cheap on a CPU, and the constraints are the same.
+    """
+    texts = list(itertools.islice(iter_documents(SAMPLE / "train.jsonl"), 0, None, 4))
+    tok = train_tokenizer(texts, min_frequency=5)
+    ids = special_ids(tok)
+    stream = torch.tensor(
+        [i for t in texts for i in [ids["bos"], *tok.encode(t, add_special_tokens=False).ids, ids["eos"]]]
+    )
+    torch.manual_seed(seed)
+    model = SimpleTransformer(tok.get_vocab_size(), d_model=64, nhead=2, num_layers=2, dim_feedforward=128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    window, batch = 64, 16
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - window - 1, (batch,))
+        x = torch.stack([stream[s : s + window] for s in starts])
+        y = torch.stack([stream[s + 1 : s + window + 1] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, model.vocab_size), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return LingmaoModel(model, tok, {"data": {"context_length": 24}})
+
+
+@pytest.fixture(scope="module")
+def lm() -> LingmaoModel:
+    return train_tiny_model()
+
+
+def lines_of(poem: str) -> list[str]:
+    return [x for x in re.split(r"[，。\n]+", poem) if x]
+
+
+def fits(ch: str, tone: str) -> bool:
+    return tone in pingshui.tones(ch)
+
+
+def assert_follows_a_pattern(poem: str, form: str, mode: str) -> None:
+    """Independent of the decoding code: some standard pattern fits at every position it fixes."""
+    chars, n = FORMS[form]
+    lines = lines_of(poem)
+    assert len(lines) == n and all(len(x) == chars for x in lines), poem
+    fitting = []
+    for p in meter.patterns(chars, n):
+        ok = True
+        for line, tones, line_type in zip(lines, p.tones, p.types, strict=True):
+            core = chars - 5
+            fixed = range(chars) if mode == "strict" else [i for i in range(chars) if i % 2 == 1 or i == chars - 1]
+            ok &= all(fits(line[i], tones[i]) for i in fixed)
+            if mode == "lenient":
+                ok &= not (line_type == "D" and not fits(line[core + 2], ZE))  # 三平尾
+                ok &= not (line_type == "C" and not fits(line[core + 2], PING))  # 三仄尾
+                ok &= not (line_type == "B" and not fits(line[core], PING) and not fits(line[core + 2], PING))
+        if ok:
+            fitting.append(p)
+    assert fitting, poem
+    # Rhyme: the rhyming line ends share a level-tone group, for one of the fitting patterns.
+    assert any(
+        set.intersection(*[{g.name for g in pingshui.level_groups(lines[i][-1])} for i in p.rhyme_lines])
+        for p in fitting
+    ), poem
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_strict_samples_score_100_percent(lm, form):
+    poems = lm.generate(form=form, tones="strict", rhyme="pingshui", num_samples=100, seed=1, temperature=1.0,
+                        top_p=1.0)
+    assert len(poems) == 100
+    for poem in poems:
+        verdict = check(poem, form)
+        assert verdict.format_ok and verdict.rhyme_ok and verdict.tones_strict, verdict.report()
+        assert_follows_a_pattern(poem, form, "strict")
+    # Each sample settles its own pattern and rhyme group.
+    verdicts = [check(poem, form) for poem in poems]
+    assert len({v.pattern for v in verdicts}) > 1 and len({v.rhyme_class[0] for v in verdicts}) > 1
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_lenient_samples_pass_lenient_checking(lm, form):
+    poems = lm.generate(form=form, num_samples=50, seed=2, temperature=1.0, top_p=1.0)  # the defaults
+    for poem in poems:
+        verdict = check(poem, form)
+        assert verdict.format_ok and verdict.rhyme_ok and verdict.tones_lenient, verdict.report()
+        assert_follows_a_pattern(poem, form, "lenient")
+    assert any(not check(p, form).tones_strict for p in poems)  # lenient does use its freedom
+
+
+def test_pattern_and_first_line_rhyme_are_obeyed(lm):
+    for start, first in (("平起", True), ("仄起", False)):
+        poems = lm.generate(form="wulv", tones="strict", pattern=start, first_line_rhymes=first, num_samples=20,
+                            seed=3)
+        for poem in poems:
+            lines = lines_of(poem)
+            assert fits(lines[0][1], start[0])
+            assert fits(lines[0][-1], PING if first else ZE)
+            wanted = next(p for p in meter.patterns(5, 8) if (p.start, p.first_rhymes) == (start, first))
+            assert meter.tone_violations(lines, wanted, "strict") == [], poem
+            if first:
+                assert {g.name for g in pingshui.level_groups(lines[0][-1])} & set(check(poem, "wulv").rhyme_class)
+
+
+def tune_regex(name: str) -> str:
+    """The layout of a tune, built from the JSON table: clauses, a break after each stop, a blank line at |."""
+    entry = next(t for t in json.loads(TUNES_FILE.read_text(encoding="utf-8"))["tunes"] if t["name"] == name)
+    han = "[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U000323af]"
+    out = ""
+    for n, mark, bar in re.findall(r"(\d+)([，。])(\|?)", entry["shape"]):
+        out += f"{han}{{{n}}}{mark}" + ("\n" if mark == "。" else "") + ("\n" if bar else "")
+    return out.rstrip("\n")
+
+
+@pytest.mark.parametrize("tune", TUNES)
+def test_ci_samples_match_their_templates(lm, tune):
+    entry = next(t for t in json.loads(TUNES_FILE.read_text(encoding="utf-8"))["tunes"] if t["name"] == tune)
+    poems = lm.generate(form="ci", tune=tune, num_samples=20, seed=4, temperature=1.0)
+    for poem in poems:
+        assert re.fullmatch(tune_regex(tune), poem), poem
+        clause_ends = [c[-1] for c in re.split(r"[，。]\n*", poem) if c]
+        for members in entry["rhymes"]:
+            sections = [
+                {s for s, t in cilin.readings(clause_ends[i]) if not tone or t == tone} for i, tone in members
+            ]
+            assert set.intersection(*sections), (poem, members)
+        verdict = check(poem, tune=tune)
+        assert verdict.format_ok and verdict.rhyme_ok, verdict.report()
+
+
+def test_acrostic_picks_a_pattern_it_fits_or_says_which_position_fails(lm):
+    # 白 is 仄 and 天 平: line starts 仄 平 平 仄 fit only the 仄起 patterns of a strict 五绝.
+    poems = lm.generate(form="wujue", acrostic="白天天白", tones="strict", num_samples=20, seed=5)
+    for poem in poems:
+        assert [x[0] for x in lines_of(poem)] == list("白天天白")
+        assert check(poem, "wujue").pattern.startswith("仄起") and check(poem, "wujue").tones_strict
+    with pytest.raises(LingmaoError, match="line 1, char 1: '白' is 仄 where 平 is required"):
+        lm.generate(form="wujue", acrostic="白天天白", tones="strict", pattern="平起")
+    with pytest.raises(LingmaoError, match="no way to write form=wujue tones=strict"):
+        lm.generate(form="wujue", acrostic="白白白白", tones="strict")
+    assert check(lm.generate(form="wujue", acrostic="白白白白", seed=6)[0], "wujue").tones_lenient
+
+
+def test_prompts_are_checked_against_the_pattern(lm):
+    prompt = "青山橫北郭，白水繞東城。\n此地一為別，"
+    for poem in lm.generate(prompt, form="wujue", num_samples=10, seed=7):
+        assert poem.startswith(prompt) and check(poem, "wujue").tones_lenient
+    # 啼 is not in the Pingshui table: a character the user fixes gets the benefit of the doubt, as in the checker.
+    assert pingshui.tones("啼") == frozenset()
+    for poem in lm.generate("朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，", form="qijue", num_samples=5, seed=7):
+        assert check(poem, "qijue").regulated
+    with pytest.raises(LingmaoError, match="孤平"):
+        lm.generate(prompt + "獨蓬萬里", form="wujue")  # 仄平仄仄: 孤平 whatever ends the line
+    with pytest.raises(LingmaoError, match="no way to write form=wujue tones=strict"):
+        lm.generate("床前明月光", form="wujue", tones="strict")  # 平平平仄平 fits no pattern strictly
+    with pytest.raises(LingmaoError, match="rhyme"):
+        lm.generate("白日依山盡，黃河入海流。\n欲窮千里目，更上一層", form="wujue", rhyme="pingshui", tones="off",
+                    acrostic="", first_line_rhymes=True)  # 盡 cannot rhyme (仄) but line 1 must
+
+
+def test_a_vocabulary_without_level_characters_is_an_error_before_sampling():
+    oblique = "白日入海月落竹石國十一出黑木葉雪客夜"
+    texts = ["".join(itertools.islice(itertools.cycle(oblique), k, k + 5)) + "，" + oblique[:5] + "。\n" for k in
+             range(10)]
+    tok = train_tokenizer(texts)
+    assert all(pingshui.tones(t) == {ZE} for t in tok.get_vocab() if is_han(t))
+    model = SimpleTransformer(tok.get_vocab_size(), d_model=16, nhead=2, num_layers=1, dim_feedforward=32)
+    bare = LingmaoModel(model.eval(), tok, {})
+    with pytest.raises(LingmaoError, match="no character of the model's vocabulary is 平"):
+        bare.generate(form="wujue", tones="lenient", rhyme="none")
+    with pytest.raises(LingmaoError, match="rhyme: no 平声 Pingshui group has characters"):
+        bare.generate(form="wujue", tones="off")
+    poem = bare.generate(form="wujue", tones="off", rhyme="none", seed=0)[0]
+    assert check(poem, "wujue").format_ok
+
+
+POLICIES = ("uniform", "oblique_first")
+
+
+@pytest.mark.parametrize("mode", ["lenient", "strict"])
+def test_no_dead_end_whatever_is_chosen(lm, mode):
+    """Walk the masks alone, uniformly or adversarially (always a 仄-only character when one is allowed, to
+    provoke 孤平): no position is ever left without an admissible character, and every walk passes the check."""
+    tok = lm.tokenizer
+    pieces = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    oblique_only = torch.tensor([is_han(p) and pingshui.tones(p) == {ZE} for p in pieces])
+    generator = torch.Generator().manual_seed(0)
+    for form, policy in itertools.product(FORMS, POLICIES):
+        constraint = FormConstraint(tok, form, rhyme="pingshui", tones=mode)
+        walks = 60
+        generated = torch.zeros(walks, 0, dtype=torch.long)
+        for step in range(constraint.steps):
+            allowed = constraint.mask(step, generated)
+            assert bool(allowed.any(-1).all()), (form, policy, step)
+            if policy == "oblique_first":
+                preferred = allowed & oblique_only
+                allowed = torch.where(preferred.any(-1, keepdim=True), preferred, allowed)
+            # uniform among the chosen set: the largest of uniform draws
+            choice = torch.where(allowed, torch.rand(allowed.shape, generator=generator), -1.0).argmax(-1)
+            generated = torch.cat([generated, choice.unsqueeze(1)], dim=1)
+        for row in generated.tolist():
+            poem = "".join(pieces[i] for i in row[:-1])
+            verdict = check(poem, form)
+            assert verdict.rhyme_ok and (verdict.tones_strict if mode == "strict" else verdict.tones_lenient), (
+                policy, verdict.report())
+
+
+def test_modern_rhyme_with_tones(lm):
+    from lingmao.verse.modern import rhyme_class
+
+    for poem in lm.generate(form="qijue", rhyme="modern", tones="strict", num_samples=20, seed=8):
+        verdict = check(poem, "qijue", rhyme_mode="modern")
+        assert verdict.rhyme_ok and verdict.tones_strict, verdict.report()
+        ends = [x[-1] for x in lines_of(poem)[1::2]]
+        assert len({rhyme_class(ch) for ch in ends}) == 1
+
+
+def test_option_errors(lm):
+    with pytest.raises(LingmaoError, match="tones: 'loose'"):
+        lm.generate(form="wujue", tones="loose")
+    with pytest.raises(LingmaoError, match="rhyme: 'latin'"):
+        lm.generate(form="wujue", rhyme="latin")
+    with pytest.raises(LingmaoError, match="tones=strict: ci tunes"):
+        lm.generate(tune="浣溪沙", tones="strict")
+    with pytest.raises(LingmaoError, match="rhyme=pingshui needs a verse form"):
+        lm.generate("秦", rhyme=True, max_new_tokens=2)
+    with pytest.raises(LingmaoError, match="pattern=平起 needs"):
+        lm.generate(form="wujue", tones="off", pattern="平起")
+    with pytest.raises(LingmaoError, match="tune: '无此调'"):
+        lm.generate(tune="无此调")
+    with pytest.raises(LingmaoError, match="form=ci needs tune"):
+        lm.generate(form="ci")
+    assert lm.generate(form="wujue", rhyme=False, tones="off", seed=0)  # false = none, still accepted
+
+
+def test_evaluate_verse(lm):
+    free = evaluate_verse(lm, ["wujue", "浣溪沙"], 12, rhyme="none", tones="off", batch_size=8, seed=0)
+    assert set(free) == {"wujue", "浣溪沙"} and free["wujue"]["samples"] == 12
+    assert free["wujue"]["format"] == 1.0 and 0 <= free["wujue"]["rhyme"] < 1
+    forced = evaluate_verse(lm, ["qilv"], 5, rhyme="pingshui", tones="strict", seed=0)["qilv"]
+    assert forced["rhyme"] == forced["tones strict"] == forced["tones lenient"] == 1.0
+    assert 0 < forced["distinct-2"] <= 1
+    assert distinct_n(["春風春風，春風。"], 2) == pytest.approx(2 / 4)  # 春風 風春 春風 | 春風: 2 distinct of 4
+    with pytest.raises(LingmaoError, match="verse.forms: 'sonnet'"):
+        evaluate_verse(lm, ["sonnet"], 2)
+
+
+def test_generate_app_shows_tones(lm, tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from lingmao.cli import quote_unicode_overrides
+    from lingmao.config import CONF_DIR
+    from lingmao.generate import run
+
+    model_dir = export_model(tmp_path / "model", lm.model, lm.tokenizer, {"d_model": 64, "nhead": 2,
+                             "num_layers": 2, "dim_feedforward": 128}, {"context_length": 24})
+    overrides = [f"model_dir={model_dir}", "form=qijue", "tones=strict", "show_tones=true", "seed=1", "device=cpu"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("generate", overrides=quote_unicode_overrides(overrides))
+    run(cfg)
+    out = capsys.readouterr().out.splitlines()
+    poem_lines = [x for x in out if re.fullmatch(r"\S{7}，\S{7}。", x)]
+    assert len(poem_lines) == 2
+    for line in poem_lines:
+        marks = out[out.index(line) + 1]
+        for ch, m in zip(line, marks, strict=False):
+            want = {frozenset({PING}): "○", frozenset({ZE}): "●", frozenset({PING, ZE}): "◐"}.get(
+                pingshui.tones(ch), ch if not is_han(ch) else "◌")
+            assert m == want, (line, marks)
+    group = out[out.index(poem_lines[1]) + 1].split()[-1]
+    assert group in {g.name for g in pingshui.level_groups(poem_lines[1][-2])}
+    assert out[-1].startswith("○ 平  ● 仄")
+    # The evaluation app with verse samples only; a list with Chinese in it arrives as one quoted string.
+    from lingmao.evaluate import run as evaluate
+
+    overrides = [f"model_dir={model_dir}", "verse.samples=4", "verse.forms=[wujue,浣溪沙]", "device=cpu",
+                 f"output={tmp_path / 'eval.json'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=quote_unicode_overrides(overrides))
+    results = evaluate(cfg)
+    assert set(results["verse"]) == {"wujue", "浣溪沙"} and "loss" not in results
+    assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["verse"]["wujue"]["samples"] == 4
+
+
+def test_list_tunes():
+    from lingmao.generate import list_tunes
+
+    rows = list_tunes().splitlines()
+    assert len(rows) > 50 and rows[0].startswith("浣溪沙\t42字\t双调")
+    assert "7平。7平。7平。|7，7平。7平。" in rows[0]
+    assert "7a仄。7a仄。5b平。5b平。|5c仄。5c仄。5d平。5d平。" in next(r for r in rows if r.startswith("菩萨蛮"))
