@@ -10,11 +10,13 @@ from lingmao.errors import LingmaoError
 from lingmao.model import GPT, ModelConfig, SimpleTransformer
 from lingmao.optim import (
     MultiOptimizer,
+    Muon,
     MuonConfig,
     OptimConfig,
     build_optimizer,
     build_schedule,
     check_strategy,
+    orthogonalize,
     split_parameters,
     warmup_cosine,
 )
@@ -150,6 +152,51 @@ def test_multi_optimizer_shares_groups_and_state():
     buffers = [opt.state[p] for p in muon.param_groups[0]["params"]]
     assert all("momentum_buffer" in s for s in buffers)  # Muon really stepped its parameters
     assert all("exp_avg" in opt.state[p] for p in adamw.param_groups[0]["params"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+def test_muon_in_bfloat16_steps_exactly_as_torch(adjust):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(24, 8)), torch.nn.Parameter(torch.randn(8, 24))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn=adjust)
+    a, b = Muon(ours, ns_dtype=torch.bfloat16, **kw), torch.optim.Muon(theirs, **kw)
+    for _ in range(3):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    assert not any(torch.equal(p, q) for p, q in zip(ours, start, strict=True))  # they did move
+    assert set(a.state[ours[0]]) == set(b.state[theirs[0]]) == {"momentum_buffer"}
+
+
+def test_float32_newton_schulz_orthogonalizes():
+    torch.manual_seed(0)
+    g = torch.randn(48, 16)
+    x = orthogonalize(g, 5, (3.4445, -4.775, 2.0315), 1e-7, torch.float32)
+    assert x.dtype == torch.float32 and x.shape == g.shape
+    singular = torch.linalg.svdvals(x)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # roughly U V^T (the quintic stops short of 1)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity(x.flatten(), (u @ vh).flatten(), dim=0) > 0.95
+    bf16 = orthogonalize(g, 5, (3.4445, -4.775, 2.0315), 1e-7, torch.bfloat16).float()
+    assert (x - bf16).abs().max() < 0.05
+
+
+def test_muon_on_cpu_defaults_to_float32():
+    model = tiny()
+    opt = build_optimizer(model, OptimConfig(name="muon"))
+    assert isinstance(opt.optimizers[1], Muon) and opt.optimizers[1].ns_dtype is None
+    before = [p.detach().clone() for p in opt.optimizers[1].param_groups[0]["params"]]
+    train(model, opt, None, steps=2)
+    after = opt.optimizers[1].param_groups[0]["params"]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
