@@ -93,7 +93,7 @@ class ModelConfig:
 
 def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
     """The model `config` describes, for a vocabulary of `vocab_size` tokens."""
-    return (GPT if config.arch == "gpt" else SimpleTransformer)(config, vocab_size)
+    return MODEL_CLASSES[config.arch](config, vocab_size)
 
 
 def train_flops_per_token(config: ModelConfig, vocab_size: int, seq_len: int) -> int:
@@ -376,3 +376,6 @@ class SimpleTransformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token at context `seq_len` (see `train_flops_per_token`)."""
         return train_flops_per_token(self.config, self.vocab_size, seq_len)
+
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"gpt": GPT, "design": SimpleTransformer}  # by model.arch

@@ -347,3 +347,48 @@ def test_clipping_sees_every_group():
     assert total > 1e-3
     assert math.isclose(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item(), 1e-3,
                         rel_tol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Under Lightning: one optimizer, clipping, accumulation, resume from a checkpoint file
+# ----------------------------------------------------------------------------------------------
+def test_lightning_trains_and_resumes_with_muon_exactly(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cfg = OptimConfig(name="muon", warmup_steps=2, max_grad_norm=0.5, accumulation_steps=2)
+
+    class LM(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny()
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            return F.cross_entropy(self.model(x[:, :-1]).reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            opt = build_optimizer(self.model, cfg)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": build_schedule(opt, cfg, 4), "interval": "step"}}
+
+    loader = DataLoader(TensorDataset(torch.cat([batches(i) for i in range(4)])), batch_size=4)  # 4 batches
+
+    def fit(epochs: int, ckpt_path=None) -> tuple[LM, L.Trainer]:
+        lm = LM()
+        trainer = L.Trainer(
+            max_epochs=epochs, accumulate_grad_batches=cfg.accumulation_steps, gradient_clip_val=cfg.max_grad_norm,
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(lm, loader, ckpt_path=ckpt_path)
+        return lm, trainer
+
+    straight, trainer = fit(2)  # 2 optimizer steps per epoch
+    assert trainer.global_step == 4 and isinstance(trainer.optimizers[0], MultiOptimizer)
+    half, trainer = fit(1)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, trainer = fit(2, ckpt_path=tmp_path / "half.ckpt")
+    assert trainer.global_step == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(half.model.blocks[0].attn.q.weight, resumed.model.blocks[0].attn.q.weight)
