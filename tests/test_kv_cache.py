@@ -114,3 +114,17 @@ def test_a_model_without_cache_samples_past_its_window():
                                            max_len=32), VOCAB).eval()
     rows = sample_ids(design, PROMPT, eos_id=EOS, banned=[EOS], max_new_tokens=80, num_samples=2, seed=0)
     assert [len(r) for r in rows] == [80, 80]
+
+
+def test_bench_generate_prints_both_paths(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--size", "tiny", "--window", "16", "--new-tokens", "30", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no cache" in out and "KV cache" in out and "speed-up" in out
+    assert "same tokens with and without the cache: yes" in out
