@@ -192,8 +192,9 @@ class Muon(torch.optim.Muon):
 
     torch runs it in bfloat16, which suits GPUs; a CPU without bfloat16 matrix units multiplies bfloat16
     several times slower than float32 (on a 2-core AVX2 machine: 2.2 against 13.8 GFLOP/s, and 15.8 s for
-    one step of model=small's hidden matrices against 0.54 s in float32). `ns_dtype=None` keeps torch's own step on CUDA and uses float32
-    elsewhere. The update and the state (`momentum_buffer`) are torch's, so checkpoints are interchangeable.
+    one step of model=small's hidden matrices against 0.54 s in float32). `ns_dtype=None` keeps torch's own
+    step on CUDA and uses float32 elsewhere. The update and the state (`momentum_buffer`) are torch's, so
+    checkpoints are interchangeable.
     """
 
     def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, **kwargs: Any) -> None:

@@ -23,7 +23,7 @@ import torch
 from lingmao.model import GPT, SIZES, ModelConfig
 from lingmao.sampling import sample_ids
 
-VOCAB = 6255  # the bundled poetry sample converted to simplified characters
+VOCAB = 6256  # the bundled poetry sample converted to simplified characters (t2s)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
