@@ -300,4 +300,8 @@ def schedule_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in keys:
             if key in before and before.get(key) != after.get(key):
                 changes.append(f"{group}.{key} {before.get(key)} -> {after.get(key)}")
+    before, after = (old.get("optim") or {}).get("muon") or {}, (new.get("optim") or {}).get("muon") or {}
+    for key in ("lr", "warmup_steps", "min_lr_ratio"):
+        if key in before and before.get(key) != after.get(key):
+            changes.append(f"optim.muon.{key} {before.get(key)} -> {after.get(key)}")
     return changes

@@ -28,7 +28,7 @@ from lingmao.errors import LingmaoError
 from lingmao.hardware import HardwareConfig
 from lingmao.loggers import LoggerConfig
 from lingmao.model import ModelConfig
-from lingmao.optim import OptimConfig
+from lingmao.optim import OptimConfig, check_strategy
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 CONF_DIR = Path(__file__).parent.parent / "conf"
@@ -123,6 +123,7 @@ class TrainConfig:
                 f"data.context_length={self.data.context_length} exceeds the longest sequence the model takes, "
                 f"model.max_len={self.model.max_len}; lower data.context_length or raise model.max_len"
             )
+        check_strategy(self.optim, self.hardware.strategy)
         if self.resume_from:
             from lingmao.checkpointing import checkpoint_problem
 

@@ -20,23 +20,14 @@ from torchmetrics.text import Perplexity
 
 from lingmao.callbacks.monitoring import logs_this_step
 from lingmao.model import ModelConfig, build_model
-from lingmao.optim import OptimConfig
+from lingmao.optim import OptimConfig, build_optimizer, group_schedule, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
-def warmup_cosine(step: int, progress: float, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up over `warmup_steps`, then cosine from 1 to `min_lr_ratio` as
-    `progress` (0..1 of the run) goes from the end of the warm-up to the end of the run."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    start = warmup_steps / total_steps if total_steps > 0 else 0.0
-    q = min(1.0, max(0.0, (progress - start) / (1.0 - start))) if start < 1 else 1.0
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
-
-
 class LingmaoLM(L.LightningModule):
-    """Causal LM training: cross-entropy over the vocabulary (padding ignored), AdamW, warm-up + cosine.
+    """Causal LM training: cross-entropy over the vocabulary (padding ignored), AdamW or Muon + AdamW,
+    warm-up + cosine per parameter group.
 
     `model` and `optim` are the configs as plain dicts (so checkpoints hold plain data only).
     """
@@ -51,11 +42,11 @@ class LingmaoLM(L.LightningModule):
         self.pad_id = pad_id
         self.val_ppl = Perplexity(ignore_index=pad_id)
         self.lr_scale = 1.0  # night mode's factor
-        self.warmup_steps = self.optim_config.warmup_steps  # may be shortened for a short run (lingmao.train)
+        self.warmup_cap: int | None = None  # a short run's shorter warm-up (see fit_warmup)
         self.val_tokens_per_char: float | None = None  # of the validation set, for val/bpc
         # A compiled *function*, not a wrapped module: state_dict keys stay the same with compile on or off.
         self._compiled_forward = torch.compile(self.model.forward) if self.model_config.compile else None
-        self._base_lrs: list[float] = []
+        self._schedules: list[tuple[float, int, float]] = []  # per parameter group: peak lr, warm-up, floor
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self._compiled_forward is not None:
@@ -99,22 +90,8 @@ class LingmaoLM(L.LightningModule):
 
     # -- optimizer and schedule ----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = self.optim_config
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():  # shared (tied) tensors are listed once
-            if p.requires_grad:
-                # Matrices (attention, feed-forward, embedding/head) decay; biases and norm gains do not. Decided
-                # by name, not p.dim(): under FSDP the parameters seen here are flat 1-D shards.
-                (no_decay if name.endswith("bias") or "norm" in name else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-            ],
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-            fused=cfg.fused if torch.cuda.is_available() else None,
-        )
-        self._base_lrs = [cfg.lr for _ in optimizer.param_groups]
+        optimizer = build_optimizer(self.model, self.optim_config)
+        self._schedules = [group_schedule(self.optim_config, group) for group in optimizer.param_groups]
         return optimizer
 
     def total_steps(self) -> float:
@@ -144,26 +121,25 @@ class LingmaoLM(L.LightningModule):
             done.append((t.current_epoch + batch_idx / batches) / t.max_epochs)
         return max(done) if done else 0.0
 
-    def lr_multiplier(self, batch_idx: int = 0) -> float:
-        cfg = self.optim_config
-        step = self.trainer.global_step
-        return warmup_cosine(step, self.progress(batch_idx), self.warmup_steps, self.total_steps(),
-                             cfg.min_lr_ratio) * self.lr_scale
+    def warmup_steps(self, configured: int) -> int:
+        return configured if self.warmup_cap is None else min(configured, self.warmup_cap)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        factor = self.lr_multiplier(batch_idx)
+        step, progress, total = self.trainer.global_step, self.progress(batch_idx), self.total_steps()
         for optimizer in self.trainer.optimizers:
-            for group, base in zip(optimizer.param_groups, self._base_lrs, strict=False):
-                group["lr"] = base * factor
+            for group, (peak, warmup, floor) in zip(optimizer.param_groups, self._schedules, strict=False):
+                factor = warmup_cosine(step, self.warmup_steps(warmup), total, floor, progress)
+                group["lr"] = peak * factor * self.lr_scale
 
     def fit_warmup(self, planned_steps: float) -> None:
         """A warm-up longer than half the run would leave the run no time to learn at full rate: use a tenth of
         the run instead, and say so once."""
-        warmup = self.optim_config.warmup_steps
+        cfg = self.optim_config
+        warmup = max(cfg.warmup_steps, cfg.muon.warmup_steps or 0) if cfg.name == "muon" else cfg.warmup_steps
         if planned_steps and math.isfinite(planned_steps) and warmup > planned_steps / 2:
-            self.warmup_steps = max(1, int(planned_steps // 10))
+            self.warmup_cap = max(1, int(planned_steps // 10))
             log.warning("optim.warmup_steps=%d is more than half of this run's %d steps: warming up over %d steps "
-                        "(a tenth of the run) instead", warmup, planned_steps, self.warmup_steps)
+                        "(a tenth of the run) instead", warmup, planned_steps, self.warmup_cap)
 
     def set_lr_scale(self, scale: float) -> None:
         """Multiply the learning-rate curve by `scale` from the next step on (used by night mode)."""

@@ -1,8 +1,9 @@
 """Autoregressive sampling: temperature, top-k, top-p, repetition penalty, constrained verse forms.
 
-There is no KV cache: each step runs the model again on the last `context_length` tokens (the
-left is cropped), which is simple and cheap enough for poems of a few dozen characters. All
-samples of one call run as one batch; they share the prompt, so no padding is needed.
+A model with a KV cache (`new_cache`, the gpt architecture) runs the prompt once and then one token per
+step; any other model runs again on its whole context at every step. Both follow one rule for text
+longer than the context window (`context_start`). All samples of one call run as one batch; they share
+the prompt, so no padding is needed.
 """
 
 from __future__ import annotations
@@ -92,6 +93,19 @@ def penalize_repetition(
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def context_start(length: int, start: int, window: int) -> int:
+    """Where the context begins for predicting token number `length`, when it began at `start` before.
+
+    The context grows until it holds `window` tokens; when one more arrives, it restarts from the last
+    `window // 2` tokens (at least one) and grows again. With a KV cache that restart is one prefill of
+    half a window every half window of new tokens, instead of a full recomputation at every step; the
+    uncached path follows the same rule, so both see the same context and sample the same text.
+    """
+    if length - start <= window:
+        return start
+    return length - max(1, window // 2)
+
+
 @torch.inference_mode()
 def sample_ids(
     model: torch.nn.Module,
@@ -110,12 +124,15 @@ def sample_ids(
     context_length: int | None = None,
     seed: int | None = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Sample `num_samples` continuations of `prompt_ids` in one batch; each stops at `eos_id`.
 
     `step_mask(step, generated[B, step]) -> bool[B, V]` restricts each step to the allowed tokens
     (constrained decoding); `banned` tokens are never sampled. `on_step(tokens[B], active[B])` sees
-    each step's tokens (for streaming). Returns the new token ids of each sample, without `<eos>`.
+    each step's tokens (for streaming). The model sees at most `context_length` tokens (see
+    `context_start`); `use_cache=False` recomputes the context at every step even when the model has a
+    KV cache. Returns the new token ids of each sample, without `<eos>`.
     """
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least <bos>")
@@ -131,8 +148,19 @@ def sample_ids(
         ban = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)
         ban[torch.tensor(banned, device=device)] = True
     eligible = penalty_tokens.to(device) if penalty_tokens is not None else None
+    cache = model.new_cache(num_samples, window) if use_cache and hasattr(model, "new_cache") else None
+    context = 0  # where the model's context begins in seq
     for step in range(max_new_tokens):
-        logits = model(seq[:, -window:])[:, -1, :].float()
+        moved = context_start(seq.size(1), context, window)
+        if cache is None:
+            logits = model(seq[:, moved:])
+        elif step == 0 or moved != context:  # (re)fill the cache with the whole context
+            cache.clear()
+            logits = model(seq[:, moved:], cache=cache)
+        else:
+            logits = model(seq[:, -1:], cache=cache)
+        context = moved
+        logits = logits[:, -1, :].float()
         logits = penalize_repetition(logits, seq, repetition_penalty, eligible)
         if ban is not None:
             logits = logits.masked_fill(ban, float("-inf"))

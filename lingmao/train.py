@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> TrainResult:
     callbacks = instantiate_callbacks(cfg.callbacks)
     trainer = L.Trainer(
         accelerator=accelerator, devices=conf.hardware.devices, num_nodes=conf.hardware.num_nodes,
-        strategy=distributed.build_strategy(conf.hardware, getattr(lm.model, "block_types", None)),
+        strategy=distributed.build_strategy(conf.hardware, {type(lm.model).block_class}),
         use_distributed_sampler=False,  # the train sampler shards windows across ranks itself (lingmao.data)
         precision=resolve_precision(conf.hardware.precision, accelerator),
         accumulate_grad_batches=conf.optim.accumulation_steps, gradient_clip_val=conf.optim.max_grad_norm,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from lingmao.data import iter_documents  # noqa: E402
 from lingmao.data.tokenizer import train_tokenizer  # noqa: E402
 from lingmao.export import LingmaoModel, load_model  # noqa: E402
-from lingmao.model import SimpleTransformer  # noqa: E402
+from lingmao.model import ModelConfig, build_model  # noqa: E402
 from lingmao.verse import forms  # noqa: E402
 
 SAMPLE = REPO / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"
@@ -41,8 +41,9 @@ def random_model(shape: str, device: str) -> LingmaoModel:
     cfg = OmegaConf.load(REPO / "conf" / "model" / f"{shape}.yaml")
     tok = train_tokenizer(iter_documents(SAMPLE))
     torch.manual_seed(0)
-    model = SimpleTransformer(tok.get_vocab_size(), d_model=cfg.d_model, nhead=cfg.nhead, num_layers=cfg.num_layers,
-                              dim_feedforward=cfg.dim_feedforward)
+    shape = ModelConfig(d_model=cfg.d_model, nhead=cfg.nhead, num_layers=cfg.num_layers,
+                        dim_feedforward=cfg.dim_feedforward)
+    model = build_model(shape, tok.get_vocab_size())
     return LingmaoModel(model.to(device).eval(), tok, {"data": {"context_length": 128}})
 
 

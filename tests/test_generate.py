@@ -14,10 +14,11 @@ import pytest
 import torch
 from pypinyin import Style, pinyin
 
-from lingmao import LingmaoError, SimpleTransformer, export_model, load_model
+from lingmao import LingmaoError, export_model, load_model
 from lingmao.data import iter_documents
 from lingmao.data.tokenizer import train_tokenizer
 from lingmao.export import LingmaoModel
+from lingmao.model import ModelConfig, build_model
 from lingmao.verse.checker import check
 from lingmao.verse.forms import FORMS
 from lingmao.verse.han import is_han
@@ -34,7 +35,7 @@ def export_tiny(directory: Path, texts: list[str] | None = None, **data_cfg) -> 
     texts = texts if texts is not None else list(itertools.islice(iter_documents(CORPUS), 300))
     tok = train_tokenizer(texts)
     torch.manual_seed(0)
-    model = SimpleTransformer(tok.get_vocab_size(), **MODEL_CFG)
+    model = build_model(ModelConfig(arch="design", **MODEL_CFG), tok.get_vocab_size())
     data = {"context_length": 64, "text_key": "text", "template": None, "convert": "none", **data_cfg}
     return export_model(directory, model, tok, MODEL_CFG, data)
 

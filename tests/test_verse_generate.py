@@ -14,11 +14,12 @@ import re
 import pytest
 import torch
 
-from lingmao import LingmaoError, SimpleTransformer, export_model
+from lingmao import LingmaoError, export_model
 from lingmao.data import iter_documents
 from lingmao.data.tokenizer import special_ids, train_tokenizer
 from lingmao.evaluate import distinct_n, evaluate_verse
 from lingmao.export import LingmaoModel
+from lingmao.model import ModelConfig, build_model
 from lingmao.verse import cilin, meter, pingshui
 from lingmao.verse.checker import check
 from lingmao.verse.forms import FORMS, FormConstraint
@@ -45,7 +46,7 @@ def train_tiny_model(steps: int = 40, seed: int = 0) -> LingmaoModel:
         [i for t in texts for i in [ids["bos"], *tok.encode(t, add_special_tokens=False).ids, ids["eos"]]]
     )
     torch.manual_seed(seed)
-    model = SimpleTransformer(tok.get_vocab_size(), d_model=64, nhead=2, num_layers=2, dim_feedforward=128)
+    model = build_model(ModelConfig(d_model=64, nhead=2, num_layers=2, dim_feedforward=128), tok.get_vocab_size())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     window, batch = 64, 16
     model.train()
@@ -200,7 +201,7 @@ def test_a_vocabulary_without_level_characters_is_an_error_before_sampling():
              range(10)]
     tok = train_tokenizer(texts)
     assert all(pingshui.tones(t) == {ZE} for t in tok.get_vocab() if is_han(t))
-    model = SimpleTransformer(tok.get_vocab_size(), d_model=16, nhead=2, num_layers=1, dim_feedforward=32)
+    model = build_model(ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32), tok.get_vocab_size())
     bare = LingmaoModel(model.eval(), tok, {})
     with pytest.raises(LingmaoError, match="no character of the model's vocabulary is 平"):
         bare.generate(form="wujue", tones="lenient", rhyme="none")
@@ -288,8 +289,8 @@ def test_generate_app_shows_tones(lm, tmp_path, capsys):
     from lingmao.config import CONF_DIR
     from lingmao.generate import run
 
-    model_dir = export_model(tmp_path / "model", lm.model, lm.tokenizer, {"d_model": 64, "nhead": 2,
-                             "num_layers": 2, "dim_feedforward": 128}, {"context_length": 24})
+    model_dir = export_model(tmp_path / "model", lm.model, lm.tokenizer, lm.model.config,
+                             {"context_length": 24})
     overrides = [f"model_dir={model_dir}", "form=qijue", "tones=strict", "show_tones=true", "seed=1", "device=cpu"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("generate", overrides=quote_unicode_overrides(overrides))

@@ -1,0 +1,130 @@
+"""Sampling with the KV cache gives the same text as sampling without it."""
+
+import pytest
+import torch
+from torch import nn
+
+from lingmao.model import GPT, ModelConfig, SimpleTransformer
+from lingmao.sampling import context_start, sample_ids
+
+VOCAB, EOS = 60, 3
+PROMPT = [2, 10, 11, 12, 13]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=256)
+    model = GPT(cfg, VOCAB).eval()
+    for block in model.blocks:  # zero-initialised projections would make every block the identity
+        nn.init.normal_(block.attn.proj.weight, std=0.3)
+        nn.init.normal_(block.mlp.proj.weight, std=0.3)
+    return model
+
+
+def both(model: nn.Module, **kw) -> tuple[list[list[int]], list[list[int]]]:
+    args = dict(eos_id=EOS, banned=[EOS], seed=7, context_length=128)
+    args.update(kw)
+    return sample_ids(model, PROMPT, use_cache=True, **args), sample_ids(model, PROMPT, use_cache=False, **args)
+
+
+def test_context_start_keeps_the_last_half_when_the_window_is_full():
+    starts, start = [], 0
+    for length in range(1, 31):
+        start = context_start(length, start, 8)
+        starts.append(start)
+    # Grows to 8 tokens; the 9th moves the start to keep the last 4; again at 13 - ... and so on.
+    assert starts[:8] == [0] * 8
+    assert starts[8:13] == [5] * 5  # lengths 9..13 (13 - 5 = 8 tokens)
+    assert starts[13:18] == [10] * 5  # lengths 14..18
+    assert all(0 < length - s <= 8 for length, s in zip(range(1, 31), starts, strict=True))
+    assert context_start(10, 0, 1) == 9  # a window of one token keeps one
+
+
+@pytest.mark.parametrize("new_tokens", [200, 60])  # past the window of 128, and within it
+def test_same_text_with_and_without_cache(model, new_tokens):
+    cached, plain = both(model, max_new_tokens=new_tokens, num_samples=3)
+    assert cached == plain
+    assert all(len(row) == new_tokens for row in cached)
+    assert len({tuple(row) for row in cached}) == 3  # the samples differ from each other
+
+
+def test_same_text_with_filters_penalty_and_greedy(model):
+    for kw in (dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3), dict(temperature=0.0)):
+        cached, plain = both(model, max_new_tokens=80, num_samples=2, context_length=32, **kw)
+        assert cached == plain
+
+
+def test_same_text_with_a_step_mask_and_the_same_stream(model):
+    seen: dict[bool, list] = {True: [], False: []}
+
+    def run(use_cache: bool) -> list[list[int]]:
+        def step_mask(step: int, generated: torch.Tensor) -> torch.Tensor:
+            assert generated.shape == (2, step)
+            allowed = torch.zeros(2, VOCAB, dtype=torch.bool)
+            allowed[:, 4 + (step % 5) :: 5] = True  # tokens of one residue class per step
+            allowed[1, :] |= step >= 180  # the second sample is free at the end
+            return allowed
+
+        return sample_ids(
+            model, PROMPT, eos_id=EOS, banned=[EOS], max_new_tokens=200, num_samples=2, seed=3,
+            context_length=128, step_mask=step_mask, use_cache=use_cache,
+            on_step=lambda tokens, active: seen[use_cache].append(tokens.tolist()),
+        )
+
+    cached, plain = run(True), run(False)
+    assert cached == plain
+    assert seen[True] == seen[False] and len(seen[True]) == 200
+    assert all((t - 4) % 5 == step % 5 for row in cached for step, t in enumerate(row[:180]))
+
+
+def test_the_cache_is_used_and_refilled_by_the_shared_rule(model):
+    lengths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].size(1)),
+                                           with_kwargs=True)
+    try:
+        sample_ids(model, PROMPT, eos_id=EOS, banned=[EOS], max_new_tokens=200, seed=1, context_length=128)
+    finally:
+        hook.remove()
+    # The prompt at once, then one token per step; at 129 tokens the last 64 again, which grow to 128 ...
+    refills = [i for i, n in enumerate(lengths) if n > 1]
+    assert lengths[0] == len(PROMPT) and refills == [0, 129 - len(PROMPT), 129 - len(PROMPT) + 65]
+    assert all(lengths[i] == 64 for i in refills[1:])
+    assert len(lengths) == 200
+
+
+def test_the_context_matters(model):
+    """Otherwise the comparisons above could not fail: a shorter window samples other text."""
+    cached, _ = both(model, max_new_tokens=60, num_samples=1)
+    short, _ = both(model, max_new_tokens=60, num_samples=1, context_length=2)
+    assert cached != short
+
+
+def test_a_model_without_cache_samples_past_its_window():
+    torch.manual_seed(0)
+    design = SimpleTransformer(ModelConfig(arch="design", d_model=16, nhead=2, num_layers=1, dim_feedforward=32,
+                                           max_len=32), VOCAB).eval()
+    rows = sample_ids(design, PROMPT, eos_id=EOS, banned=[EOS], max_new_tokens=80, num_samples=2, seed=0)
+    assert [len(r) for r in rows] == [80, 80]
+
+
+def test_bench_generate_prints_both_paths(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--size", "tiny", "--window", "16", "--new-tokens", "30", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no cache" in out and "KV cache" in out and "speed-up" in out
+    assert "same tokens with and without the cache: yes" in out
