@@ -69,6 +69,8 @@ class OptimConfig:
     muon: MuonConfig = field(default_factory=MuonConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.muon, dict):  # from a plain dict (a checkpoint's hyperparameters)
+            self.muon = MuonConfig(**self.muon)
         check_fields(self)
         betas = list(self.betas)
         if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
