@@ -162,7 +162,7 @@ def test_convert_and_title(tmp_path, caplog):
 def test_from_checkpoint(lm, model_dir, tmp_path):
     from lingmao.module import LingmaoLM
 
-    module = LingmaoLM(model=dict(MODEL_CFG), optim={}, vocab_size=lm.model.vocab_size, pad_id=0)
+    module = LingmaoLM(model=dict(MODEL_CFG, arch="design"), optim={}, vocab_size=lm.model.vocab_size, pad_id=0)
     module.model.load_state_dict(lm.model.state_dict())
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
