@@ -26,6 +26,7 @@ class LearningRates(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.rows.append((trainer.global_step, trainer.current_epoch, optimizer.param_groups[0]["lr"]))
+        self.groups = getattr(self, "groups", []) + [{g.get("name"): g["lr"] for g in optimizer.param_groups}]
 
 
 def run(monkeypatch, overrides: list[str]) -> LearningRates:
@@ -61,6 +62,27 @@ def test_resume_follows_the_schedule_of_its_own_command(small_corpus, tmp_path, 
         assert lr == pytest.approx(cosine(step, 5, 60, 2e-3), rel=1e-6)
     assert second.rows[0][2] > 5 * first.rows[-1][2]  # not the floor of the finished schedule
     assert "trainer.max_steps 30 -> 60" in caplog.text and "optim.lr 0.001 -> 0.002" in caplog.text
+
+
+def test_muon_groups_follow_their_own_curves_and_resume(small_corpus, tmp_path, monkeypatch, caplog):
+    """The app's default optimizer: AdamW's groups on optim.*, Muon's on optim.muon.*; a resume at another
+    Muon rate follows it from the resumed step on."""
+    caplog.set_level(logging.INFO, logger="lingmao")
+    train, test = small_corpus
+    base = [o for o in tiny_overrides(tmp_path, train, test) if not o.startswith(("trainer.max_steps", "optim"))]
+    base += ["optim=muon", "optim.lr=2e-3", "optim.warmup_steps=4", "optim.muon.warmup_steps=2",
+             "optim.muon.min_lr_ratio=0.5", "run_name=muon", "run_test=false", "export=false"]
+    first = run(monkeypatch, [*base, "trainer.max_steps=8", "optim.muon.lr=0.02"])
+    assert [set(g) for g in first.groups] == [{"decay", "no_decay", "muon"}] * 8
+    for step, groups in enumerate(first.groups):
+        assert groups["decay"] == groups["no_decay"] == pytest.approx(cosine(step, 4, 8, 2e-3), rel=1e-6)
+        assert groups["muon"] == pytest.approx(cosine(step, 2, 8, 0.02, floor=0.5), rel=1e-6)
+    second = run(monkeypatch, [*base, "trainer.max_steps=12", "optim.muon.lr=0.01"])
+    assert [s for s, _, _ in second.rows] == list(range(8, 12))
+    for step, groups in zip(range(8, 12), second.groups, strict=True):
+        assert groups["muon"] == pytest.approx(cosine(step, 2, 12, 0.01, floor=0.5), rel=1e-6)
+        assert groups["decay"] == pytest.approx(cosine(step, 4, 12, 2e-3), rel=1e-6)
+    assert "optim.muon.lr 0.02 -> 0.01" in caplog.text
 
 
 def test_an_epoch_limited_schedule_follows_epochs_when_night_changes_the_steps(small_corpus, tmp_path, monkeypatch):
