@@ -76,11 +76,10 @@ def run(cfg: DictConfig) -> None:
         lm = load_for_inference(cfg)
         app = create_app(lm, limits, name=str(cfg.get("model_dir") or cfg.get("ckpt")))
         log.info("model on %s, %d parameters", lm.device, sum(p.numel() for p in lm.model.parameters()))
-        log.info("serving on %s", url_of(sock))
         if is_loopback(host):
-            log.info("listening on %s only: other machines cannot reach it (host=0.0.0.0 to serve the network)", host)
+            log.info("serving on %s (this machine only; host=0.0.0.0 serves the network)", url_of(sock))
         else:
-            log.warning("listening on %s: other machines can reach this server, which has no authentication", host)
+            log.warning("serving on %s: other machines can reach it, and it has no authentication", url_of(sock))
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:
