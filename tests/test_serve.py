@@ -322,3 +322,12 @@ def test_port_in_use_is_a_one_line_error(model_dir):
             run(cfg)
     finally:
         taken.close()
+
+
+def test_config_file_defaults_are_the_dataclass_defaults(conf_dir):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("serve")
+    assert Limits.from_mapping(cfg.limits) == Limits()
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 8000)
