@@ -104,12 +104,11 @@ def test_acrostic_wujue_on_the_page(server, browser, served_model, tmp_path):
     marks = page.eval_on_selector_all(".poem.done .cell .m", "ms => ms.map(m => m.textContent.trim()).join('')")
     assert len(marks) == 20 and set(marks) <= set("○●◐◌")
     assert page.locator(".poem.done .cell.r-ok").count() >= 2  # the rhymes of lines 2 and 4 at least
-    page.click(".poem.done button.copy")
-    assert page.evaluate("navigator.clipboard.readText()") == text
-
     screenshot = Path(os.environ.get("LINGMAO_SCREENSHOT") or tmp_path / "serve.png")
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+    page.click(".poem.done button.copy")
+    assert page.evaluate("navigator.clipboard.readText()") == text
 
     page.fill("#acrostic", "ab")  # a bad request: its one-line reason on the page
     page.click("#generate")

@@ -11,6 +11,8 @@ import ipaddress
 import logging
 import socket
 import sys
+import time
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -61,6 +63,18 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def warm_verse_tables(tokenizer: Any) -> None:
+    """Build the vocabulary's tone and rhyme tables now (seconds for a large vocabulary), not in the first
+    request of each kind (`lingmao.verse.vocab` keeps them for the life of the process)."""
+    from lingmao.verse.vocab import rhyme_masks, vocab_tables
+
+    started = time.perf_counter()
+    vocab_tables(tokenizer)
+    for system in ("pingshui", "cilin", "modern"):
+        rhyme_masks(tokenizer, system)
+    log.info("tone and rhyme tables of the vocabulary ready (%.1f s)", time.perf_counter() - started)
+
+
 def run(cfg: DictConfig) -> None:
     require_serve_extra()
     import uvicorn
@@ -76,6 +90,7 @@ def run(cfg: DictConfig) -> None:
         lm = load_for_inference(cfg)
         app = create_app(lm, limits, name=str(cfg.get("model_dir") or cfg.get("ckpt")))
         log.info("model on %s, %d parameters", lm.device, sum(p.numel() for p in lm.model.parameters()))
+        warm_verse_tables(lm.tokenizer)
         if is_loopback(host):
             log.info("serving on %s (this machine only; host=0.0.0.0 serves the network)", url_of(sock))
         else:
