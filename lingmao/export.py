@@ -166,7 +166,7 @@ class LingmaoModel:
         (strict | lenient | off; default lenient for a shi form), pattern (auto | 平起 | 仄起),
         first_line_rhymes (None = either), title, temperature (0 = greedy), top_k, top_p,
         repetition_penalty, max_new_tokens (free text only: a form fixes the length), num_samples, seed,
-        convert, context_length, stream. Tone marks of a result: `lingmao.verse.notation.tone_marks`.
+        convert, context_length, stream, on_token. Tone marks of a result: `lingmao.verse.notation.tone_marks`.
         """
         from lingmao.sampling import generate  # lazy: sampling imports data and forms
 

@@ -206,11 +206,13 @@ def generate(
     convert: str | None = None,
     context_length: int | None = None,
     stream: Callable[[str], None] | None = None,
+    on_token: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """Generate text with a loaded model (`lingmao.load_model(dir)`); see `LingmaoModel.generate`.
 
     Each result is the prompt followed by what was generated (for a form: the whole poem). The title
-    is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1).
+    is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1);
+    `on_token(sample, piece)` receives each sample's, and may raise to stop the generation.
     Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
     rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
     lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either).
@@ -251,11 +253,14 @@ def generate(
     pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
 
     on_step = None
-    if stream is not None and num_samples == 1:
+    if on_token is not None or (stream is not None and num_samples == 1):
         def on_step(tokens: torch.Tensor, active: torch.Tensor) -> None:
-            t = int(tokens[0])
-            if bool(active[0]) and t != ids["eos"]:
-                stream(pieces[t])
+            for i, (t, alive) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
+                if alive and t != ids["eos"]:
+                    if on_token is not None:
+                        on_token(i, pieces[t])
+                    if stream is not None and num_samples == 1:
+                        stream(pieces[t])
 
     rows = sample_ids(
         model, prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,

@@ -1,0 +1,68 @@
+"""A generation request: its JSON schema (pydantic), the server's limits applied, and the options it gives
+`LingmaoModel.generate`. Ranges the sampling code checks itself (temperature >= 0, top_p in (0, 1], ...) are left
+to it, so the one-line reasons are the same as on the command line."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lingmao.errors import LingmaoError
+from lingmao.serve.limits import Limits
+
+DEFAULT_NEW_TOKENS = 200
+
+
+class GenerateRequest(BaseModel):
+    """The body of `POST /api/generate` and `/api/generate/stream`; every field is optional."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = ""
+    form: str | None = Field(None, max_length=16, description="wujue qijue wulv qilv (五绝 ...) or ci, null = free")
+    tune: str | None = Field(None, max_length=32, description="a ci tune, e.g. 浣溪沙 (implies form=ci)")
+    acrostic: str | None = Field(None, max_length=16, description="藏头: line i starts with character i")
+    title: str | None = None
+    rhyme: str | None = Field(None, max_length=16, description="pingshui | modern | none")
+    tones: str | None = Field(None, max_length=16, description="strict | lenient | off")
+    pattern: str | None = Field("auto", max_length=16, description="auto | 平起 | 仄起")
+    first_line_rhymes: bool | None = None
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = Field(None, description="free text only (null = 200 or the server's limit)")
+    num_samples: int = 1
+    seed: int | None = Field(None, ge=0, lt=2**63, description="null = a new one, returned with the result")
+
+
+def generation_options(request: GenerateRequest, limits: Limits) -> dict[str, Any]:
+    """Keyword arguments for `LingmaoModel.generate` (seed resolved); a request over a limit is a LingmaoError."""
+    for name in ("prompt", "title"):
+        text = getattr(request, name) or ""
+        if len(text) > limits.max_prompt_chars:
+            raise LingmaoError(
+                f"{name}: {len(text)} characters; this server takes at most {limits.max_prompt_chars} "
+                "(limits.max_prompt_chars)"
+            )
+    new_tokens = request.max_new_tokens
+    if new_tokens is None:
+        new_tokens = min(DEFAULT_NEW_TOKENS, limits.max_new_tokens)
+    elif new_tokens > limits.max_new_tokens:
+        raise LingmaoError(
+            f"max_new_tokens: {new_tokens} is over this server's limit of {limits.max_new_tokens} "
+            "(limits.max_new_tokens)"
+        )
+    if request.num_samples > limits.max_samples:
+        raise LingmaoError(
+            f"num_samples: {request.num_samples} is over this server's limit of {limits.max_samples} "
+            "(limits.max_samples)"
+        )
+    options = request.model_dump()
+    options.update(
+        max_new_tokens=new_tokens,
+        seed=request.seed if request.seed is not None else random.SystemRandom().randrange(2**31),
+    )
+    return options

@@ -1,0 +1,117 @@
+"""The page in a real browser: `python -m lingmao.serve` started as a user starts it, headless Chromium (the
+distribution's `chromium`, driven by Playwright) writes an acrostic 五绝 on the page, and the poem shown is checked.
+
+LINGMAO_SERVE_MODEL=DIR serves that export instead of the test's tiny untrained model; LINGMAO_SCREENSHOT=PATH
+saves the screenshot there (default: the test's temporary folder). docs/serve.md says how docs/serve.png was made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lingmao import load_model
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HAN = "[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U000323af]"
+HEADS = "春夏秋冬"
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory) -> Path:
+    if os.environ.get("LINGMAO_SERVE_MODEL"):
+        return Path(os.environ["LINGMAO_SERVE_MODEL"])
+    from tests.test_serve import export_serve_model
+
+    return export_serve_model(tmp_path_factory.mktemp("browser") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(served_model, tmp_path_factory):
+    """The app as a user runs it, on a free port (port=0; the URL is read from its log)."""
+    cwd = tmp_path_factory.mktemp("serve-cwd")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lingmao.serve", f"model_dir={served_model}", "port=0", "device=cpu"],
+        cwd=cwd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log: list[str] = []
+    found = threading.Event()
+
+    def read_log() -> None:
+        for line in process.stderr:
+            log.append(line)
+            if "serving on" in line:
+                found.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    try:
+        if not found.wait(60):
+            pytest.fail("the server did not start:\n" + "".join(log))
+        url = re.search(r"serving on (http://\S+)", "".join(log)).group(1)
+        assert "(this machine only;" in "".join(log), log  # localhost unless told otherwise, and says so
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("the chromium package is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+def test_acrostic_wujue_on_the_page(server, browser, served_model, tmp_path):
+    context = browser.new_context(viewport={"width": 1100, "height": 720}, locale="zh-CN")
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.rstrip("/"))
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_selector('#form option[value="wujue"]', state="attached")
+    assert page.locator("#form optgroup[label^='词'] option").count() > 10  # the ci tunes are offered
+    page.select_option("#form", "wujue")
+    page.fill("#acrostic", HEADS)
+    page.fill("#seed", str(SEED))
+    page.click("#generate")
+    card = page.wait_for_selector(".poem.done", timeout=60_000)
+
+    shown = page.eval_on_selector_all(
+        ".poem.done .line", "rows => rows.map(r => Array.from(r.querySelectorAll('.c'), c => c.textContent).join(''))"
+    )
+    lines = [x for x in re.split("[，。]", "".join(shown)) if x]
+    assert len(lines) == 4 and all(re.fullmatch(f"{HAN}{{5}}", x) for x in lines), shown
+    assert [x[0] for x in lines] == list(HEADS)
+    text = card.get_attribute("data-text")
+    # What the page shows is what the model writes with the page's settings (temperature 0.8, top_p 0.9) ...
+    expected = load_model(served_model).generate(form="wujue", acrostic=HEADS, seed=SEED, temperature=0.8)[0]
+    assert text == expected and "".join(shown) == text.replace("\n", "")
+    # ... and it arrived as a stream, one event per token (the characters, the punctuation, the line break).
+    assert int(card.get_attribute("data-tokens")) == len(text)
+    marks = page.eval_on_selector_all(".poem.done .cell .m", "ms => ms.map(m => m.textContent.trim()).join('')")
+    assert len(marks) == 20 and set(marks) <= set("○●◐◌")
+    assert page.locator(".poem.done .cell.r-ok").count() >= 2  # the rhymes of lines 2 and 4 at least
+    screenshot = Path(os.environ.get("LINGMAO_SCREENSHOT") or tmp_path / "serve.png")
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    page.click(".poem.done button.copy")
+    assert page.evaluate("navigator.clipboard.readText()") == text
+
+    page.fill("#acrostic", "ab")  # a bad request: its one-line reason on the page
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error").startswith("error: acrostic:")
+    context.close()
