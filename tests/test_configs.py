@@ -91,7 +91,7 @@ def test_every_option_validates_against_its_dataclass(hydra_conf, group, option)
         assert isinstance(getattr(conf, group), SCHEMAS[group])
 
 
-# The command lines the README shows (sweep values aside, see the next test).
+# The command lines the README and docs/ show (sweep values aside, see the next test).
 COMMANDS = [
     "model=tiny",
     "optim.lr=3e-4 model=small",
@@ -120,6 +120,7 @@ def test_experiment_applies_over_defaults_and_under_the_command_line(hydra_conf)
     assert composed("experiment=smoke", "trainer.max_steps=5", "model.d_model=32").trainer.max_steps == 5
     big = composed("experiment=poetry_large_fsdp")
     assert (big.model.name, big.hardware.strategy) == ("large", "fsdp")
+    assert big.optim.name == "adamw"  # Muon, the default optimizer, is refused under FSDP
     assert big.hardware.fsdp.activation_checkpointing is True
 
 
