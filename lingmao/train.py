@@ -43,7 +43,7 @@ class TrainResult:
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    """Train, test and export one run (see README); `cfg` is the composed config of conf/train.yaml."""
+    """Train, test and export one run (docs/training.md); `cfg` is the composed config of conf/train.yaml."""
     conf = config.validate(cfg)  # before anything is read or written: a mistake costs milliseconds
     L.seed_everything(conf.seed, workers=True)
     configure_process(conf.hardware)
