@@ -66,7 +66,8 @@ DENSE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "h100": {"bf16": 756.0, "16": 756.0, "32": 378.0},  # PCIe
     "a100": {"bf16": 312.0, "16": 312.0, "32": 156.0},
 }
-NEIGHBOUR = "while True: pass"
+# A Python busy loop that ends with its parent, should the benchmark itself be killed.
+NEIGHBOUR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +510,7 @@ def compare_threads(args: argparse.Namespace, out: Path) -> None:
     print(f"load average before: {load_average()}", flush=True)
     with neighbour_process() as proc:
         print(f"model={args.model}, batch {args.tokens_per_step // args.context_length} x context "
-              f"{args.context_length}, {cores} usable cores, one neighbour process (pid {proc.pid}, {NEIGHBOUR!r}); "
+              f"{args.context_length}, {cores} usable cores, one neighbour process (pid {proc.pid}, a busy loop); "
               f"{args.steps} timed steps after {args.warmup} (0: timed from the start of training), "
               f"torch {torch.__version__}", flush=True)
         time.sleep(1.0)
