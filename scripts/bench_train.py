@@ -483,7 +483,7 @@ def compare_with_plain(args: argparse.Namespace, out: Path, conf: lingmao_config
               f"plain {got['plain']:,.0f} tok/s, ratio {ratios[-1]:.3f}; load average {load_average()}", flush=True)
     peak = peak_tflops(device, precision, args.peak_tflops) if device.type == "cuda" else None
     print(f"\n| side | tokens/s, median (min-max) over {args.repeat} | tokens per CPU-second | mean train loss "
-          f"| GFLOP/s | {'MFU |' if device.type == 'cuda' else ''}")
+          f"| GFLOP/s |{' MFU |' if device.type == 'cuda' else ''}")
     print(f"| --- | --- | --- | --- | --- |{' --- |' if device.type == 'cuda' else ''}")
     for side in sides:
         med = statistics.median(rates[side])
@@ -499,6 +499,9 @@ def compare_with_plain(args: argparse.Namespace, out: Path, conf: lingmao_config
     print(f"same batches on both sides: {'yes' if same else 'NO'} (token-id checksums: lingmao "
           f"{sorted(checksums['lingmao'])}, plain {sorted(checksums['plain'])})")
     print(f"RATIO lingmao/plain: {spread(ratios)} over {len(ratios)} interleaved repeats")
+    cpu_ratios = [a / b for a, b in zip(cpu_rates["lingmao"], cpu_rates["plain"], strict=True)]
+    print(f"ratio of tokens per CPU-second of this process (what other processes' load leaves out): "
+          f"{spread(cpu_ratios)}")
     print(f"load average after: {load_average()}")
 
 
