@@ -1,14 +1,25 @@
-"""Training throughput of lingmao (LightningModule + DataModule + Trainer + production callbacks) against a
-plain PyTorch loop over the same model class, batches, optimizer, schedule and clipping, in one process.
+"""Training throughput: lingmao against a plain-PyTorch GPT, thread choice beside a busy neighbour, GPU MFU.
 
-    python scripts/bench_train.py --model small --repeat 5
-    python scripts/bench_train.py --model tiny --repeat 5 --steps 60
-    python scripts/bench_train.py --model small --accelerator cuda --precision bf16-mixed --compile   # on a GPU
+    python scripts/bench_train.py --model small --repeat 3          # lingmao vs the plain GPT, 2 threads each
+    python scripts/bench_train.py --neighbour --repeat 2            # default threads vs fixed, one busy neighbour
+    python scripts/bench_train.py --accelerator cuda --precision bf16-mixed --model base --context 512 --compile
 
-Each repeat runs (a) lingmao and (b) the plain loop, alternating which goes first, and times `--steps`
-optimizer steps after `--warmup` steps. The window runs from the end of the last warm-up step to the end of
-the last timed step, so it includes everything between steps (data loading, callbacks, logging).
-Prints tokens/s of each, and the median and range of the per-repeat ratios a/b.
+The default mode trains, one after the other and alternating which goes first, (a) lingmao as
+`python -m lingmao.train` runs it (`lingmao.train.train` on the config composed from conf/ with the overrides
+below: LightningModule, DataModule, Trainer and every default callback) and (b) a plain PyTorch GPT written
+here (nanoGPT's structure: learned positions, pre-LayerNorm blocks, causal `scaled_dot_product_attention` with
+dropout, GELU MLP, tied head, AdamW, a plain loop) of the same shape on the same batches (the DataModule's own
+loader). Each run times `--steps` optimizer steps after `--warmup` steps; the window runs from the end of the last
+warm-up step to the end of the last timed step, so it holds everything between steps (loading, callbacks,
+logging). Prints tokens/s of each and the median and range of the per-repeat ratio lingmao / plain.
+
+`--neighbour` starts one CPU-bound process (a Python busy loop) for the whole invocation and trains lingmao
+with its default thread setting (the ThreadTuner callback) and with each fixed `hardware.cpu_threads` from 1 to
+the usable cores, interleaved; the window starts when training starts (`--warmup 0`), so the tuner's trials are
+paid inside it. Prints tokens/s of each and the ratio default / best fixed.
+
+On CUDA it also prints MFU: model FLOPs per token (6 N + 12 L T d, `flops_per_token`) times tokens/s over the
+GPU's dense peak at the run's precision (the table below, or `--peak-tflops`).
 """
 
 from __future__ import annotations
@@ -16,212 +27,287 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
+import json
 import logging
 import math
+import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from lingmao.monitoring import peak_tflops, train_flops_per_token
-from lingmao.schema import validate_config
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from torch import nn
 
-from lingmao import monitoring
-from lingmao.config import CONF_DIR
+from lingmao import config as lingmao_config
+from lingmao.callbacks.threads import usable_cores
 from lingmao.data import build_datamodule
 from lingmao.hardware import resolve_accelerator, resolve_precision
-from lingmao.module import LingmaoLM, build_model
-from lingmao.train import build_callbacks, build_trainer
+from lingmao.model import train_flops_per_token
+from lingmao.train import train
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-
-def compose_config(args: argparse.Namespace, out_dir: Path) -> DictConfig:
-    """The app's config for this benchmark: conf/train.yaml plus overrides, as `python -m lingmao.train` sees it."""
-    overrides = [
-        f"model={args.model}",
-        f"hardware={args.hardware}",
-        "night=off",  # night mode halves the batch at night: it would change what is measured
-        f"data={args.data}",
-        *([f"data.batch_size={args.batch}"] if args.batch else []),
-        *([f"data.context_length={args.context}"] if args.context else []),
-        f"paths.output_dir={out_dir}",
-        f"trainer.max_steps={args.warmup + args.steps}",
-        "trainer.val_check_interval=100000",  # no validation inside the timed window (the plain loop has none)
-        "trainer.limit_val_batches=0",
-        "trainer.max_epochs=-1",
-        f"hardware.precision={args.precision}",
-        f"model.compile={str(args.compile).lower()}",
-        "logger.plots=false",  # drawn only after validation and at the end: not a per-step cost
-        *args.set,
-    ]
-    if args.train_file:
-        overrides += [f"data.train_file={args.train_file}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    validate_config(cfg)
-    args.batch, args.context = int(cfg.data.batch_size), int(cfg.data.context_length)
-    return cfg
+# Dense (not 2:4 sparse) peak TFLOP/s of the tensor cores by precision, from the vendors' data sheets.
+# Lightning's table (`get_available_flops`) lists the sparse figures for Hopper; it is asked only for GPUs
+# missing here.
+DENSE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "h200": {"bf16": 989.0, "16": 989.0, "32": 494.0},
+    "h100 sxm": {"bf16": 989.0, "16": 989.0, "32": 494.0},
+    "h100": {"bf16": 756.0, "16": 756.0, "32": 378.0},  # PCIe
+    "a100": {"bf16": 312.0, "16": 312.0, "32": 156.0},
+}
+# A Python busy loop that ends with its parent, should the benchmark itself be killed.
+NEIGHBOUR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
+# The clock both sides run
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    """perf_counter at the start and end of every step. The window runs from the end of step `warmup - 1` to
-    the end of step `total - 1`; the device is synchronised at both ends only (never inside the window)."""
+class Clock:
+    """Wall and process CPU time when training starts and at the end of every optimizer step, the torch thread
+    count of each step, and over the timed steps a checksum of the batches' token ids and the mean loss.
 
-    warmup: int
-    total: int
-    device: torch.device
-    starts: list[float] = field(default_factory=list)
-    ends: list[float] = field(default_factory=list)
-    cpu_ends: list[float] = field(default_factory=list)  # process CPU time: what other processes' load leaves out
-    losses: list[torch.Tensor] = field(default_factory=list)
-    profiler: cProfile.Profile | None = None
+    Step k (1-based) is timed when k > warmup; the device is synchronised at the ends of the window only."""
 
-    def start(self) -> None:
-        self.starts.append(time.perf_counter())
+    def __init__(self, warmup: int, total: int, device: torch.device) -> None:
+        self.warmup, self.total, self.device = warmup, total, device
+        self.marks: list[float] = []
+        self.cpu: list[float] = []
+        self.threads: list[int] = []
+        self._checksum = torch.zeros((), dtype=torch.int64, device=device)
+        self._loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.checksum = 0
+        self.mean_loss = math.nan
 
-    def end(self, loss: torch.Tensor | None = None) -> None:
-        step = len(self.ends)
-        if loss is not None and step >= self.warmup:
-            self.losses.append(loss.detach())
-        if step in (self.warmup - 1, self.total - 1) and self.device.type == "cuda":
+    def _mark(self) -> None:
+        self.marks.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.ends.append(time.perf_counter())
-        self.cpu_ends.append(time.process_time())
-        if self.profiler is not None and step == self.warmup - 1:
-            self.profiler.enable()
-        if self.profiler is not None and step == self.total - 1:
-            self.profiler.disable()
 
-    @property
-    def seconds(self) -> float:
-        return self.ends[-1] - self.ends[self.warmup - 1]
+    def begin(self) -> None:
+        if self.warmup == 0:
+            self._sync()
+        self._mark()
 
-    @property
-    def cpu_seconds(self) -> float:
-        return self.cpu_ends[-1] - self.cpu_ends[self.warmup - 1]
+    def batch(self, x: torch.Tensor) -> None:
+        self.threads.append(torch.get_num_threads())
+        if len(self.marks) > self.warmup:
+            self._checksum += x.sum()
+
+    def end(self, loss: torch.Tensor) -> None:
+        step = len(self.marks)
+        if step > self.warmup:
+            self._loss += loss.detach().float()
+        if step in (self.warmup, self.total):
+            self._sync()
+        self._mark()
+
+    def finish(self) -> Clock:
+        self.checksum = int(self._checksum)
+        self.mean_loss = float(self._loss) / max(1, self.steps)
+        return self
 
     @property
     def steps(self) -> int:
-        return len(self.ends) - self.warmup
+        return len(self.marks) - 1 - self.warmup
 
     @property
-    def wait_fraction(self) -> float:
-        """Share of the window spent between steps (fetching the batch, hooks before the step starts)."""
-        gaps = sum(self.starts[i] - self.ends[i - 1] for i in range(self.warmup, len(self.ends)))
-        return gaps / self.seconds
+    def seconds(self) -> float:
+        return self.marks[-1] - self.marks[self.warmup]
 
     @property
-    def mean_loss(self) -> float:
-        return float(torch.stack(self.losses).float().mean()) if self.losses else math.nan
+    def cpu_seconds(self) -> float:
+        return self.cpu[-1] - self.cpu[self.warmup]
+
+    def threads_text(self) -> str:
+        """Thread counts step by step, run-length coded: '2x5 1x25' = 5 steps at 2 threads, then 25 at 1."""
+        runs: list[list[int]] = []
+        for n in self.threads:
+            if runs and runs[-1][0] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([n, 1])
+        return " ".join(f"{n}x{count}" for n, count in runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"warmup": self.warmup, "total": self.total, "marks": self.marks, "cpu": self.cpu,
+                "threads": self.threads, "checksum": self.checksum, "mean_loss": self.mean_loss}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Clock:
+        clock = cls(data["warmup"], data["total"], torch.device("cpu"))
+        clock.marks, clock.cpu, clock.threads = data["marks"], data["cpu"], data["threads"]
+        clock.checksum, clock.mean_loss = data["checksum"], data["mean_loss"]
+        return clock
 
 
-class TimingCallback(L.Callback):
-    """The benchmark's own clock inside the Trainer."""
+class StepClock(L.Callback):
+    """The clock inside lingmao's Trainer, added to the run's callbacks as `callbacks.step_clock`; writes the
+    clock to `path` when training ends, and with `profile` a cProfile of the timed window to `path` + '.prof'."""
 
-    def __init__(self, timing: Timing) -> None:
-        self.timing = timing
+    def __init__(self, path: str, warmup: int, total: int, profile: bool = False) -> None:
+        self.path, self.warmup, self.total = Path(path), warmup, total
+        self.profiler = cProfile.Profile() if profile else None
+        self.clock: Clock | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.clock = Clock(self.warmup, self.total, trainer.strategy.root_device)
+        self.clock.begin()
+        if self.profiler is not None and self.warmup == 0:
+            self.profiler.enable()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self.timing.start()
+        self.clock.batch(batch[0])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.timing.end(loss)
+        self.clock.end(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        if self.profiler is not None and len(self.clock.marks) - 1 in (self.warmup, self.total):
+            (self.profiler.enable if len(self.clock.marks) - 1 == self.warmup else self.profiler.disable)()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.profiler is not None:
+            self.profiler.dump_stats(f"{self.path}.prof")
+        self.path.write_text(json.dumps(self.clock.finish().to_json()))
 
 
 # ----------------------------------------------------------------------------------------------
-# (a) lingmao, (b) the plain loop
+# The plain-PyTorch GPT
 # ----------------------------------------------------------------------------------------------
-def run_lingmao(cfg: DictConfig, args: argparse.Namespace, run_dir: Path, profile: bool) -> Timing:
-    accelerator = resolve_accelerator(cfg.hardware.accelerator)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg.data, cfg.paths.cache_dir, seed=int(cfg.seed), pin_memory=accelerator == "cuda")
-    tokenizer = dm.prepare_tokenizer()
-    dm.prepare_data()
-    lm = LingmaoLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        vocab_size=tokenizer.get_vocab_size(),
-        pad_id=dm.special_ids["pad"],
-    )
-    device = torch.device("cuda:0" if accelerator == "cuda" else accelerator)
-    timing = Timing(args.warmup, args.warmup + args.steps, device)
-    timing.profiler = cProfile.Profile() if profile else None
-    trainer = build_trainer(cfg, run_dir, accelerator, [TimingCallback(timing), *build_callbacks(cfg, run_dir)])
-    trainer.fit(lm, datamodule=dm)
-    return timing
+class PlainAttention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.out_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.out_dropout(self.out(y.transpose(1, 2).reshape(b, t, d)))
 
 
-def app_optimizer(model: torch.nn.Module, cfg: DictConfig, total_steps: int) -> tuple[Any, Any]:
-    """The AdamW parameter groups and warm-up + cosine schedule of `LingmaoLM.configure_optimizers`, for `model`
-    (asked of the module itself, so the comparison follows any change there)."""
-    lm = LingmaoLM(
-        OmegaConf.to_container(cfg.model, resolve=True) | {"compile": False},
-        OmegaConf.to_container(cfg.optim, resolve=True), model.vocab_size,
-    )
-    lm.model = model
-    lm.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)
-    configured = lm.configure_optimizers()
-    return configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+class PlainBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = PlainAttention(d, heads, dropout)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, ff, bias=False), nn.GELU(), nn.Linear(ff, d, bias=False),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
 
 
-def run_plain(cfg: DictConfig, args: argparse.Namespace, profile: bool) -> Timing:
-    """The same model class, batches (the DataModule's own loader), AdamW groups, schedule and clipping."""
-    accelerator = resolve_accelerator(cfg.hardware.accelerator)
-    device = torch.device("cuda:0" if accelerator == "cuda" else accelerator)
-    precision = resolve_precision(cfg.hardware.precision, accelerator)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg.data, cfg.paths.cache_dir, seed=int(cfg.seed), pin_memory=accelerator == "cuda")
-    tokenizer = dm.prepare_tokenizer()
+class PlainGPT(nn.Module):
+    """GPT-2's layout as nanoGPT writes it: token + learned position embeddings, pre-LN blocks, final LayerNorm,
+    head tied to the token embedding; N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 layers)."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, ff: int, context: int, dropout: float) -> None:
+        super().__init__()
+        self.vocab, self.d, self.layers, self.ff = vocab, d, layers, ff
+        self.tokens = nn.Embedding(vocab, d)
+        self.positions = nn.Embedding(context, d)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(PlainBlock(d, heads, ff, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.out.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.size(1)
+        x = self.dropout(self.tokens(idx) + self.positions(torch.arange(t, device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied head is one tensor: counted once
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """6 N + 12 L T d (PaLM, appendix B), N = the weights of the matrix multiplies, head included."""
+        n = self.layers * (4 * self.d * self.d + 2 * self.d * self.ff) + self.d * self.vocab
+        return 6 * n + 12 * self.layers * seq_len * self.d
+
+
+def plain_lr(step: int, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """nanoGPT's schedule: linear warm-up, cosine to floor * peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    q = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * q)))
+
+
+def run_plain(conf: lingmao_config.TrainConfig, args: argparse.Namespace, warmup: int, steps: int,
+              profile: bool) -> tuple[Clock, cProfile.Profile | None]:
+    """The plain GPT trained by a plain loop on the batches of lingmao's own DataModule (same config, same seed)."""
+    accelerator = resolve_accelerator(conf.hardware.accelerator)
+    device = torch.device("cuda", 0) if accelerator == "cuda" else torch.device(accelerator)
+    precision = resolve_precision(conf.hardware.precision, accelerator)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    L.seed_everything(conf.seed, verbose=False)
+    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=device.type == "cuda")
+    vocab = dm.prepare_tokenizer().get_vocab_size()
     dm.prepare_data()
     pad = dm.special_ids["pad"]
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = build_model(tokenizer.get_vocab_size(), model_cfg).to(device)
-    model.train()
-    step_model = torch.compile(model) if model_cfg.get("compile") else model
-    total = args.warmup + args.steps
-    with torch.random.fork_rng(devices=[]):  # building the module draws random numbers; dropout must not see it
-        optimizer, scheduler = app_optimizer(model, cfg, total)
-    o = cfg.optim
-    autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    m = conf.model
+    model = PlainGPT(vocab, m.d_model, m.nhead, m.num_layers, m.dim_feedforward, conf.data.context_length,
+                     args.plain_dropout).to(device).train()
+    step_model = torch.compile(model) if m.compile else model
+    o = conf.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda",
+    )
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    timing = Timing(args.warmup, total, device)
-    timing.profiler = cProfile.Profile() if profile else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    total = warmup + steps
+    clock = Clock(warmup, total, device)
+    profiler = cProfile.Profile() if profile else None
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # A function, so the logits (the largest activation) are freed before backward, as in training_step.
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = step_model(x)
-            return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=pad)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=pad)
 
     loader = dm.train_dataloader()
-    step = 0
+    step, epoch = 0, 0
+    clock.begin()
+    if profiler is not None and warmup == 0:
+        profiler.enable()
     while step < total:
+        loader.sampler.set_epoch(epoch)
         for x, y in loader:
-            timing.start()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
+            clock.batch(x)
+            for group in optimizer.param_groups:
+                group["lr"] = plain_lr(step, o.lr, min(o.warmup_steps, max(1, total // 10)), total)
             loss = forward_loss(x, y)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -229,65 +315,237 @@ def run_plain(cfg: DictConfig, args: argparse.Namespace, profile: bool) -> Timin
             else:
                 loss.backward()
             if o.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-            scheduler.step()
-            timing.end(loss)
-            del x, y, loss
+            optimizer.zero_grad(set_to_none=True)
+            clock.end(loss)
             step += 1
+            if profiler is not None and step == warmup:
+                profiler.enable()
             if step >= total:
                 break
-    return timing
+        epoch += 1
+    if profiler is not None:
+        profiler.disable()
+    return clock.finish(), profiler
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks and reports
+# lingmao, as `python -m lingmao.train` runs it
 # ----------------------------------------------------------------------------------------------
-def attention_kernels(cfg: DictConfig, args: argparse.Namespace) -> list[str]:
-    """The attention ops one training step (forward + backward) dispatches to, read from torch.profiler."""
-    accelerator = resolve_accelerator(cfg.hardware.accelerator)
-    device = torch.device("cuda:0" if accelerator == "cuda" else accelerator)
-    precision = resolve_precision(cfg.hardware.precision, accelerator)
-    model = build_model(100, OmegaConf.to_container(cfg.model, resolve=True)).to(device).train()
-    idx = torch.randint(0, 100, (2, args.context), device=device)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            model(idx).float().sum().backward()
-    names = {e.key for e in prof.key_averages()}
-    wanted = ("attention", "sdpa", "flash", "efficient", "softmax", "baddbmm", "bmm")
-    return sorted(n for n in names if any(w in n.lower() for w in wanted))
+def base_overrides(args: argparse.Namespace, out: Path) -> list[str]:
+    """The config of every run here: the app's defaults with the benchmark's shape, no validation inside the
+    window, and nothing after training that the benchmark does not time (test, export, samples, plots)."""
+    overrides = [
+        f"model={args.model}", f"hardware={args.accelerator}", "night=off", f"data={args.data}",
+        f"hardware.precision={args.precision}", f"model.compile={str(args.compile).lower()}",
+        f"paths.output_dir={out}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0",
+        "run_test=false", "export=false", "show_samples=false", "logger.plots=false", "logger.print_config=false",
+    ]
+    if args.batch:
+        overrides.append(f"data.batch_size={args.batch}")
+    if args.context:
+        overrides.append(f"data.context_length={args.context}")
+    if args.train_file:
+        overrides.append(f"data.train_file={args.train_file}")
+    return overrides + list(args.set)
 
 
-def cpu_matmul_gflops(seconds: float = 0.5) -> float:
-    """Achieved fp32 GFLOP/s of a 1024^3 matrix multiply on this CPU: the 'peak' MFU is measured against."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    n, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - started) / 1e9
+def run_lingmao(args: argparse.Namespace, out: Path, name: str, warmup: int, steps: int, extra: list[str],
+                profile: bool) -> tuple[Clock, str | None]:
+    """One training run through `lingmao.train.train`, with the benchmark's clock as one more callback."""
+    run_dir = out / "runs" / name
+    clock_file = out / f"{name}.clock.json"
+    cfg = lingmao_config.compose_config(
+        [*base_overrides(args, out), *extra, f"trainer.max_steps={warmup + steps}", f"paths.run_dir={run_dir}"]
+    )
+    clock_callback = {"_target_": f"{StepClock.__module__}.{StepClock.__qualname__}", "path": str(clock_file),
+             "warmup": warmup, "total": warmup + steps, "profile": profile}
+    # First of the callbacks: a step ends before the others' end-of-step work, so the checkpoint written at the
+    # end of the final step (once per run) falls outside the window; every other step's is inside it.
+    cfg.callbacks = OmegaConf.merge({"step_clock": clock_callback}, cfg.callbacks)
+    train(cfg)
+    clock = Clock.from_json(json.loads(clock_file.read_text()))
+    return clock, f"{clock_file}.prof" if profile else None
 
 
-def print_profile(title: str, prof: cProfile.Profile, top: int, dump: str | None = None) -> None:
-    if dump:
-        prof.dump_stats(f"{dump}.{title}.prof")
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def spread(values: list[float], fmt: str = ",.3f") -> str:
+    return f"median {statistics.median(values):{fmt}} (min {min(values):{fmt}}, max {max(values):{fmt}})"
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    """The GPU's dense peak at `precision`: --peak-tflops, else the table above, else Lightning's table."""
+    if override:
+        return override
+    name = torch.cuda.get_device_name(device).lower()
+    key = "bf16" if "bf16" in precision else "16" if precision.startswith("16") else "32"
+    for chip, peaks in DENSE_PEAK_TFLOPS.items():
+        if all(part in name for part in chip.split()):
+            return peaks[key]
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}[key]
+    flops = get_available_flops(device, dtype)
+    return flops / 1e12 if flops else None
+
+
+def print_profile(title: str, stats: str | cProfile.Profile, top: int) -> None:
+    """The `top` functions by own time of a profile (a cProfile.Profile or a file it wrote)."""
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
-    print(f"\n--- cProfile, timed window of {title} (by own time) ---")
+    pstats.Stats(stats, stream=s).sort_stats("tottime").print_stats(top)
+    print(f"\n--- cProfile of the timed window, {title} (by own time) ---")
     print("\n".join(s.getvalue().splitlines()[4:]))
 
 
-def spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):,.3f} (min {min(values):,.3f}, max {max(values):,.3f})"
+@contextlib.contextmanager
+def neighbour_process() -> Iterator[subprocess.Popen]:
+    """One CPU-bound process (a Python busy loop) for the duration; stopped by its id."""
+    proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (Linux /proc), or None where not readable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The modes
+# ----------------------------------------------------------------------------------------------
+def compare_with_plain(args: argparse.Namespace, out: Path, conf: lingmao_config.TrainConfig) -> None:
+    accelerator = resolve_accelerator(conf.hardware.accelerator)
+    precision = resolve_precision(conf.hardware.precision, accelerator)
+    device = torch.device("cuda", 0) if accelerator == "cuda" else torch.device(accelerator)
+    m, d = conf.model, conf.data
+    vocab = build_datamodule(d, conf.paths.cache_dir).prepare_tokenizer().get_vocab_size()
+    plain = PlainGPT(vocab, m.d_model, m.nhead, m.num_layers, m.dim_feedforward, d.context_length, args.plain_dropout)
+    lingmao_flops = train_flops_per_token(m, vocab, d.context_length)
+    flops = {"lingmao": lingmao_flops, "plain": plain.flops_per_token(d.context_length)}
+    threads = str(args.threads) if args.threads else "lingmao's choice / torch's default"
+    print(f"lingmao: model={m.name} (arch {m.arch}, d {m.d_model}, {m.num_layers} layers, ff {m.dim_feedforward}, "
+          f"{m.nhead} heads, {m.activation}, tied head {m.tie_weights}, dropout {m.dropout})")
+    print(f"plain:   GPT (learned positions, LayerNorm, GELU, tied head, dropout {args.plain_dropout}), "
+          f"{plain.num_parameters() / 1e6:.2f} M parameters")
+    print(f"batch {d.batch_size} x context {d.context_length} = {d.batch_size * d.context_length} tokens/step, "
+          f"vocabulary {vocab}, {accelerator}, {precision}, compile {m.compile}, threads {threads}, "
+          f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup}")
+    print(f"load average before: {load_average()}", flush=True)
+    del plain
+    sides = ["lingmao", "plain"]
+    rates: dict[str, list[float]] = {s: [] for s in sides}
+    cpu_rates: dict[str, list[float]] = {s: [] for s in sides}
+    losses: dict[str, list[float]] = {s: [] for s in sides}
+    checksums: dict[str, set[int]] = {s: set() for s in sides}
+    ratios: list[float] = []
+    tokens_per_step = d.batch_size * d.context_length
+    fixed = [f"hardware.cpu_threads={args.threads}"] if args.threads else []
+    for r in range(args.repeat):
+        order = sides if r % 2 == 0 else sides[::-1]
+        profile = args.profile and r == args.repeat - 1
+        got: dict[str, float] = {}
+        for side in order:
+            torch.set_num_threads(args.initial_threads)
+            if side == "lingmao":
+                clock, prof = run_lingmao(args, out, f"lingmao-{r}", args.warmup, args.steps, fixed, profile)
+            else:
+                clock, prof = run_plain(conf, args, args.warmup, args.steps, profile)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            got[side] = tokens_per_step * clock.steps / clock.seconds
+            rates[side].append(got[side])
+            cpu_rates[side].append(tokens_per_step * clock.steps / clock.cpu_seconds)
+            losses[side].append(clock.mean_loss)
+            checksums[side].add(clock.checksum)
+            if prof is not None:
+                print_profile(side, prof, args.profile_top)
+        ratios.append(got["lingmao"] / got["plain"])
+        print(f"repeat {r + 1}/{args.repeat} ({' then '.join(order)}): lingmao {got['lingmao']:,.0f} tok/s, "
+              f"plain {got['plain']:,.0f} tok/s, ratio {ratios[-1]:.3f}; load average {load_average()}", flush=True)
+    peak = peak_tflops(device, precision, args.peak_tflops) if device.type == "cuda" else None
+    print(f"\n| side | tokens/s, median (min-max) over {args.repeat} | tokens per CPU-second | mean train loss "
+          f"| GFLOP/s |{' MFU |' if device.type == 'cuda' else ''}")
+    print(f"| --- | --- | --- | --- | --- |{' --- |' if device.type == 'cuda' else ''}")
+    for side in sides:
+        med = statistics.median(rates[side])
+        achieved = flops[side] * med
+        mfu = f" {achieved / (peak * 1e12):.1%} |" if peak else (" n/a |" if device.type == "cuda" else "")
+        print(f"| {side} | {med:,.0f} ({min(rates[side]):,.0f}-{max(rates[side]):,.0f}) | "
+              f"{statistics.median(cpu_rates[side]):,.0f} | {statistics.median(losses[side]):.3f} | "
+              f"{achieved / 1e9:,.1f} |{mfu}")
+    if peak:
+        print(f"MFU: model FLOPs per token (lingmao {flops['lingmao'] / 1e9:.3f} G, plain {flops['plain'] / 1e9:.3f} G)"
+              f" x tokens/s over {peak:g} TFLOP/s ({torch.cuda.get_device_name(device)}, dense {precision})")
+    same = checksums["lingmao"] == checksums["plain"] and len(checksums["lingmao"]) == 1
+    print(f"same batches on both sides: {'yes' if same else 'NO'} (token-id checksums: lingmao "
+          f"{sorted(checksums['lingmao'])}, plain {sorted(checksums['plain'])})")
+    print(f"RATIO lingmao/plain: {spread(ratios)} over {len(ratios)} interleaved repeats")
+    cpu_ratios = [a / b for a, b in zip(cpu_rates["lingmao"], cpu_rates["plain"], strict=True)]
+    print(f"ratio of tokens per CPU-second of this process (what other processes' load leaves out): "
+          f"{spread(cpu_ratios)}")
+    print(f"load average after: {load_average()}")
+
+
+def compare_threads(args: argparse.Namespace, out: Path) -> None:
+    cores = usable_cores()
+    settings = {"default": [], **{f"threads={n}": [f"hardware.cpu_threads={n}"] for n in range(1, cores + 1)}}
+    rates: dict[str, list[float]] = {s: [] for s in settings}
+    ratios: list[float] = []
+    print(f"load average before: {load_average()}", flush=True)
+    with neighbour_process() as proc:
+        print(f"model={args.model}, batch {args.tokens_per_step // args.context_length} x context "
+              f"{args.context_length}, {cores} usable cores, one neighbour process (pid {proc.pid}, a busy loop); "
+              f"{args.steps} timed steps after {args.warmup} (0: timed from the start of training), "
+              f"torch {torch.__version__}", flush=True)
+        time.sleep(1.0)
+        neighbour_before, started = process_cpu_seconds(proc.pid), time.perf_counter()
+        for r in range(args.repeat):
+            names = list(settings)
+            order = names[r % len(names):] + names[: r % len(names)]
+            got: dict[str, float] = {}
+            parts = []
+            for name in order:
+                torch.set_num_threads(args.initial_threads)
+                run = f"{name.replace('=', '')}-{r}"  # threads=1 -> threads1: a plain directory name
+                clock, _ = run_lingmao(args, out, run, args.warmup, args.steps, settings[name], False)
+                gc.collect()
+                got[name] = args.tokens_per_step * clock.steps / clock.seconds
+                rates[name].append(got[name])
+                parts.append(f"{name} {got[name]:,.0f} tok/s (threads per step {clock.threads_text()})")
+            best = max((n for n in got if n != "default"), key=got.get)
+            ratios.append(got["default"] / got[best])
+            print(f"repeat {r + 1}/{args.repeat}: " + "; ".join(parts) +
+                  f"; default / {best} {ratios[-1]:.3f}; load average {load_average()}", flush=True)
+        neighbour_after, ended = process_cpu_seconds(proc.pid), time.perf_counter()
+    if neighbour_before is not None and neighbour_after is not None:
+        print(f"the neighbour used {(neighbour_after - neighbour_before) / (ended - started):.0%} of a core")
+    print(f"\n| setting | tokens/s, median (min-max) over {args.repeat} |")
+    print("| --- | --- |")
+    for name, values in rates.items():
+        print(f"| {name} | {statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f}) |")
+    best = max((n for n in rates if n != "default"), key=lambda n: statistics.median(rates[n]))
+    print(f"RATIO default / best fixed: {spread(ratios)} over {len(ratios)} interleaved repeats (best fixed by "
+          f"median: {best})")
+    print(f"load average after: {load_average()}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,108 +553,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="small", help="conf/model option: tiny, small, base, large")
     p.add_argument("--batch", type=int, default=None, help="data.batch_size (default: the data config's)")
     p.add_argument("--context", type=int, default=None, help="data.context_length (default: the data config's)")
-    p.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile=true)")
-    p.add_argument("--accelerator", default="cpu", choices=("cpu", "cuda", "auto"), help="hardware group")
+    p.add_argument("--precision", default="auto", help="hardware.precision: auto, 32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (model.compile=true)")
+    p.add_argument("--accelerator", default="cpu", choices=("cpu", "cuda", "auto"), help="the hardware group")
     p.add_argument("--data", default="poetry_sample", help="conf/data option")
-    p.add_argument("--train-file", default=None, help="JSONL training file (with --data jsonl)")
+    p.add_argument("--train-file", default=None, help="data.train_file (with --data jsonl)")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the window")
-    p.add_argument("--repeat", type=int, default=3, help="interleaved (a, b) pairs")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--only", choices=("lingmao", "plain"), default=None, help="run one side only")
-    p.add_argument("--tty", action="store_true", help="act as if stdout were a terminal (the tqdm progress bar)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps before the window (default 5; 0 with --neighbour: timed from the start)")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both sides (hardware.cpu_threads, torch.set_num_threads); default: the "
+                        "usable cores; 0: lingmao's own choice (ThreadTuner) against torch's default")
+    p.add_argument("--plain-dropout", type=float, default=0.1, help="dropout of the plain GPT")
+    p.add_argument("--neighbour", action="store_true",
+                   help="lingmao's default threads against fixed counts, beside one CPU-bound process")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak for MFU (default: the table)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed window of the last repeat")
     p.add_argument("--profile-top", type=int, default=25)
-    p.add_argument("--profile-dump", default=None, metavar="PREFIX", help="also write PREFIX.<side>.prof (pstats)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more Hydra overrides")
-    p.add_argument("--output-dir", default=None, help="run directories (default: a temporary directory)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides of lingmao's config")
+    p.add_argument("--output-dir", default=None, help="where the runs write (default: a temporary directory)")
     args = p.parse_args(argv)
-    args.hardware = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}[args.accelerator]
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1")
+    if args.warmup is None:
+        args.warmup = 0 if args.neighbour else 5
+    if args.warmup < 0 or args.steps < 1 or args.repeat < 1:
+        p.error("--warmup must be >= 0, --steps and --repeat >= 1")
+    if args.threads is None:
+        args.threads = usable_cores()
+    if args.neighbour and args.accelerator != "cpu":
+        p.error("--neighbour compares CPU thread settings: use --accelerator cpu")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.tty:  # the app chooses its progress output by whether stdout is a terminal
-        monitoring.is_terminal = lambda: True
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.initial_threads = torch.get_num_threads()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lingmao"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     with contextlib.ExitStack() as stack:
         out = Path(args.output_dir) if args.output_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        cfg = compose_config(args, out)
-        accelerator = resolve_accelerator(cfg.hardware.accelerator)
-        precision = resolve_precision(cfg.hardware.precision, accelerator)
-        m = cfg.model
-        vocab = build_datamodule(cfg.data, cfg.paths.cache_dir).prepare_tokenizer().get_vocab_size()
-        params = build_model(vocab, OmegaConf.to_container(m, resolve=True)).num_parameters()
-        print(
-            f"model={m.name} (d_model {m.d_model}, {m.num_layers} layers, ff {m.dim_feedforward}, tied "
-            f"{m.tie_weights}, vocabulary {vocab}, {params / 1e6:.2f} M parameters = {16 * params / 2**20:.0f} MiB "
-            f"with gradients and AdamW state in fp32), batch {args.batch}, context {args.context}, {accelerator}, "
-            f"{precision}, compile {bool(m.compile)}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        )
-        print("attention ops:", ", ".join(attention_kernels(cfg, args)) or "none found")
-        rates: dict[str, list[float]] = {"lingmao": [], "plain": []}
-        cpu_rates: dict[str, list[float]] = {"lingmao": [], "plain": []}
-        waits: dict[str, list[float]] = {"lingmao": [], "plain": []}
-        losses: dict[str, list[float]] = {"lingmao": [], "plain": []}
-        ratios: list[float] = []
-        cpu_ratios: list[float] = []
-        sides = [args.only] if args.only else ["lingmao", "plain"]
-        tokens_per_step = args.batch * args.context
-        for r in range(args.repeat):
-            order = sides if r % 2 == 0 else sides[::-1]
-            last = r == args.repeat - 1
-            got: dict[str, float] = {}
-            for side in order:
-                if side == "lingmao":
-                    t = run_lingmao(cfg, args, out / "runs" / f"r{r}", profile=args.profile and last)
-                else:
-                    t = run_plain(cfg, args, profile=args.profile and last)
-                got[side] = tokens_per_step * t.steps / t.seconds
-                rates[side].append(got[side])
-                cpu_rates[side].append(tokens_per_step * t.steps / t.cpu_seconds)
-                waits[side].append(t.wait_fraction)
-                losses[side].append(t.mean_loss)
-                if t.profiler is not None:
-                    print_profile(side, t.profiler, args.profile_top, args.profile_dump)
-            line = ", ".join(f"{s} {got[s]:,.0f} tok/s" for s in sides)
-            if len(got) == 2:
-                ratios.append(got["lingmao"] / got["plain"])
-                cpu_ratios.append(cpu_rates["lingmao"][-1] / cpu_rates["plain"][-1])
-                line += f", ratio {ratios[-1]:.3f} (by CPU time {cpu_ratios[-1]:.3f})"
-            print(f"repeat {r + 1}/{args.repeat} ({' then '.join(order)}): {line}", flush=True)
-        flops = train_flops_per_token(m.d_model, m.num_layers, m.dim_feedforward, vocab, args.context)
-        print(f"\nsummary over {args.repeat} repeats of {args.steps} timed steps ({tokens_per_step} tokens/step):")
-        for side in sides:
-            med = statistics.median(rates[side])
-            achieved = flops * med / 1e9
-            print(
-                f"  {side:8s} tokens/s {spread(rates[side])}; per CPU-second {spread(cpu_rates[side])}; time between "
-                f"steps {100 * statistics.median(waits[side]):.2f}% of the window; mean train loss "
-                f"{statistics.median(losses[side]):.4f}; {achieved:,.1f} GFLOP/s"
-            )
-        if accelerator == "cuda":
-            peak = peak_tflops(torch.cuda.get_device_name(0))
-            med = statistics.median(rates[sides[0]])
-            if peak:
-                print(f"  MFU ({sides[0]}): {flops * med / (peak * 1e12):.1%} of {peak:g} TFLOP/s (bf16 peak)")
-        elif accelerator == "cpu":
-            peak = cpu_matmul_gflops()
-            for side in sides:
-                med = statistics.median(rates[side])
-                print(f"  {side:8s} MFU vs this CPU's measured fp32 matmul rate ({peak:.1f} GFLOP/s): "
-                      f"{flops * med / 1e9 / peak:.1%}")
-        if ratios:
-            print(f"RATIO lingmao/plain: {spread(ratios)} over {len(ratios)} interleaved repeats")
-            print(f"RATIO by CPU time (tokens per CPU-second of this process): {spread(cpu_ratios)}")
+        conf = lingmao_config.validate(lingmao_config.compose_config(base_overrides(args, out)))
+        args.tokens_per_step = conf.data.batch_size * conf.data.context_length
+        args.context_length = conf.data.context_length
+        if args.neighbour:
+            compare_threads(args, out)
+        else:
+            compare_with_plain(args, out, conf)
     return 0
 
 

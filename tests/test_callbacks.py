@@ -178,10 +178,12 @@ def test_thread_tuner_keeps_the_fastest_count_and_measures_again(monkeypatch):
     from lingmao.callbacks import threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "cpu_sample", lambda: None)  # no look at the machine: all cores first
     set_to: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n))
     clock = {"now": 0.0, "cost": {2: 4.0, 1: 1.0}}
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
     tuner = threads.ThreadTuner(fixed=None, steps_per_trial=3, recheck_minutes=1)
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[])
     tuner.setup(trainer, None, "fit")
@@ -201,6 +203,49 @@ def test_thread_tuner_keeps_the_fastest_count_and_measures_again(monkeypatch):
     for _ in range(80):
         step()
     assert tuner.chosen == 2 and len(tuner.history) >= 2 and tuner.history[-1] == {2: 0.5, 1: 1.0}
+
+
+def test_thread_tuner_tries_the_free_cores_first_and_gives_up_on_a_slow_count(monkeypatch):
+    """One of two cores busy: the round starts at one thread, and two threads cost a single step (four times
+    slower, past the give-up factor) instead of a whole trial."""
+    from lingmao.callbacks import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "free_cores", lambda before, after, cores: 1)
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n))
+    clock = {"now": 0.0, "cost": {2: 4.0, 1: 1.0}}
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    tuner = threads.ThreadTuner(fixed=None, steps_per_trial=3, recheck_minutes=10, give_up_factor=1.5)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[])
+    tuner.setup(trainer, None, "fit")
+    tuner.on_train_start(trainer, None)
+    ran: list[int] = []
+    for _ in range(10):
+        ran.append(set_to[-1])
+        clock["now"] += clock["cost"][set_to[-1]]
+        trainer.global_step += 1
+        tuner.on_train_batch_end(trainer, None)
+    assert ran == [1, 1, 1, 1, 2, 1, 1, 1, 1, 1]  # a trial of 1 (one step not counted, three counted), one step of 2
+    assert tuner.chosen == 1 and tuner.history == [{1: 1.0, 2: 4.0}]
+
+
+def test_free_cores_from_cpu_samples():
+    """(time, busy CPU-seconds of the cores, this process's CPU-seconds): others' share is rounded off."""
+    from lingmao.callbacks.threads import free_cores
+
+    assert free_cores((0.0, 10.0, 5.0), (2.0, 12.0, 5.0), 2) == 1  # others used one core, this process slept
+    assert free_cores((0.0, 10.0, 5.0), (1.0, 11.4, 5.8), 2) == 1  # others 0.6 core
+    assert free_cores((0.0, 10.0, 5.0), (1.0, 11.0, 5.8), 2) == 2  # others 0.2 core
+    assert free_cores((0.0, 10.0, 5.0), (1.0, 14.0, 5.0), 2) == 1  # at least one
+    assert free_cores(None, (1.0, 14.0, 5.0), 2) is None
+    from lingmao.callbacks.threads import cpu_sample
+
+    sample = cpu_sample()
+    if sample is not None:  # Linux: real readings, monotonic
+        later = cpu_sample()
+        assert later[0] >= sample[0] and later[1] >= sample[1] and later[2] >= sample[2]
 
 
 def test_thread_tuner_stays_out_of_a_fixed_count():

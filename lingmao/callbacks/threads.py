@@ -10,11 +10,18 @@ one), keeps the fastest, and measures again every `recheck_minutes`, since neigh
 nothing when `hardware.cpu_threads` fixes the number, off the CPU, or while night mode holds its own limit.
 Thread counts change the order of floating-point sums, so runs that must repeat bit for bit set
 `hardware.cpu_threads`.
+
+A trial at a bad count is expensive (one step at two threads beside a neighbour costs about four at one), so
+each round first tries the count of cores that other processes leave free (`free_cores`: the CPU time the
+machine spent outside this process, from /proc/stat, over the previous step or a short look when training
+starts), and a trial whose first step already takes `give_up_factor` times the best median so far stops there.
+Beside one busy neighbour on two cores a round then costs one slow step instead of five.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -34,14 +41,44 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(seconds, busy CPU-seconds of this process's cores, CPU-seconds of this process) now, from /proc (Linux);
+    None where it cannot be read. Two samples give the CPU time everything else used in between."""
+    try:
+        cores = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name in cores:  # user nice system idle iowait irq softirq steal: all but idle and iowait
+                    values = [int(v) for v in fields[:8]]
+                    busy += sum(values) - values[3] - values[4]
+        tick = os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return time.perf_counter(), busy / tick, own.user + own.system
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def free_cores(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None,
+               cores: int) -> int | None:
+    """The cores other processes left free between two `cpu_sample`s (at least one), or None without samples."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+    return min(cores, max(1, math.floor(cores - others + 0.5)))
+
+
 class ThreadTuner(L.Callback):
     """See the module docstring. `steps_per_trial` optimizer steps are timed per candidate, after one step
-    at it that is not counted (it pays for waking the threads)."""
+    at it that is not counted (it pays for waking the threads) unless it is already too slow to win."""
 
-    def __init__(self, fixed: int | None = None, steps_per_trial: int = 3, recheck_minutes: float = 10.0) -> None:
+    def __init__(self, fixed: int | None = None, steps_per_trial: int = 3, recheck_minutes: float = 10.0,
+                 give_up_factor: float = 1.5) -> None:
         self.fixed = fixed
         self.steps_per_trial = max(1, int(steps_per_trial))
         self.recheck_seconds = recheck_minutes * 60
+        self.give_up_factor = give_up_factor
         self.active = False
         self.chosen: int | None = None
         self.history: list[dict[int, float]] = []  # per tuning round: threads -> seconds per step
@@ -52,6 +89,7 @@ class ThreadTuner(L.Callback):
         self._last_end: float | None = None
         self._last_step = -1
         self._next_round = 0.0
+        self._sample: tuple[float, float, float] | None = None  # cpu_sample() at the end of the last step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.active = stage == "fit" and self.fixed is None and trainer.strategy.root_device.type == "cpu"
@@ -61,8 +99,12 @@ class ThreadTuner(L.Callback):
     def _night_holds(self, trainer: L.Trainer) -> bool:
         return any(getattr(getattr(c, "limits", None), "active", False) for c in trainer.callbacks)
 
-    def _start_round(self) -> None:
-        self._queue = candidate_threads(usable_cores())
+    def _start_round(self, free: int | None) -> None:
+        """Trials of every candidate, the count of free cores (or the nearest candidate) first."""
+        queue = candidate_threads(usable_cores())
+        if free is not None:
+            queue.sort(key=lambda n: abs(n - free))
+        self._queue = queue
         self._times = {n: [] for n in self._queue}
         self._next_trial()
 
@@ -72,9 +114,17 @@ class ThreadTuner(L.Callback):
         self._skip = 1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.active:
+        if not self.active:
+            return
+        self._last_step = trainer.global_step
+        if self._night_holds(trainer):
             self._next_round = 0.0
-            self._last_step = trainer.global_step
+            return
+        before = cpu_sample()  # a short look at the machine, so that the very first step runs at a good count
+        time.sleep(0.25)
+        self._sample = cpu_sample()
+        self._start_round(free_cores(before, self._sample, usable_cores()))
+        self._last_end = time.perf_counter()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = None  # time spent validating is not a step's
@@ -85,12 +135,19 @@ class ThreadTuner(L.Callback):
         self._last_step = trainer.global_step
         now = time.perf_counter()
         took, self._last_end = (now - self._last_end if self._last_end is not None else None), now
+        sample, self._sample = self._sample, cpu_sample()
         if self._current is None:
             if now >= self._next_round and not self._night_holds(trainer):
-                self._start_round()
+                self._start_round(free_cores(sample, self._sample, usable_cores()))
             return
         if self._skip:
             self._skip -= 1
+            if took is not None and self._hopeless(took):
+                self._times[self._current].append(took)
+                if self._queue:
+                    self._next_trial()
+                else:
+                    self._finish_round(now)
             return
         if took is not None:
             self._times[self._current].append(took)
@@ -100,6 +157,11 @@ class ThreadTuner(L.Callback):
             self._next_trial()
             return
         self._finish_round(now)
+
+    def _hopeless(self, took: float) -> bool:
+        """Whether a step this slow at the current count shows it cannot beat a count already measured."""
+        best = [sorted(t)[len(t) // 2] for n, t in self._times.items() if t and n != self._current]
+        return bool(best) and took > self.give_up_factor * min(best)
 
     def _finish_round(self, now: float) -> None:
         speeds = {n: sorted(t)[len(t) // 2] for n, t in self._times.items() if t}  # median seconds per step
