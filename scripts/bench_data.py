@@ -45,7 +45,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from lingmao.config import CONF_DIR
 from lingmao.data import (
     TextSource,
     TokenFile,
@@ -351,8 +350,8 @@ class StallMeter(L.Callback):
     """Time from the end of one training batch to the start of the next (the batch fetch and the hooks in
     between), against the whole step (end to end)."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, path: str) -> None:
+        self.warmup, self.path = warmup, path
         self.starts: list[float] = []
         self.ends: list[float] = []
 
@@ -361,6 +360,9 @@ class StallMeter(L.Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.ends.append(time.perf_counter())
+
+    def on_train_end(self, *args: Any) -> None:
+        Path(self.path).write_text(json.dumps(self.report()))
 
     def report(self) -> dict[str, float]:
         w = self.warmup
@@ -371,33 +373,32 @@ class StallMeter(L.Callback):
 
 
 def loader_stall(args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
-    """A short real training run of the app's config (DataModule, Trainer, production callbacks)."""
-    from hydra import compose, initialize_config_dir
+    """A short real training run of the app (`lingmao.train.train`: DataModule, Trainer, the default callbacks),
+    with the meter as one more callback."""
     from omegaconf import OmegaConf
 
+    from lingmao.config import compose_config, validate
     from lingmao.data import build_datamodule
-    from lingmao.module import LingmaoLM
-    from lingmao.train import build_callbacks, build_trainer
+    from lingmao.train import train
 
     steps = args.stall_warmup + args.stall_steps
+    report = out_dir / "stall.json"
     overrides = [f"model={args.stall_model}", "hardware=cpu", "night=off", "data=jsonl",
                  f"data.train_file={args.train_file}", "data.test_file=null", "data.val_fraction=0",
                  f"paths.output_dir={out_dir}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-                 "logger.plots=false", f"data.num_workers={args.num_workers}", *args.set]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    L.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg.data, cfg.paths.cache_dir, seed=int(cfg.seed))
-    tok = dm.prepare_tokenizer()
-    dm.prepare_data()
-    lm = LingmaoLM(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.optim, resolve=True),
-                   tok.get_vocab_size(), dm.special_ids["pad"])
-    meter = StallMeter(args.stall_warmup)
-    run_dir = out_dir / "stall"
-    trainer = build_trainer(cfg, run_dir, "cpu", [*build_callbacks(cfg, run_dir), meter], validate=False)
-    trainer.fit(lm, datamodule=dm)
-    result = meter.report()
+                 "logger.plots=false", "export=false", "show_samples=false", "run_test=false",
+                 f"data.num_workers={args.num_workers}", *args.set]
+    cfg = compose_config(overrides)
+    meter = {"_target_": f"{StallMeter.__module__}.StallMeter", "warmup": args.stall_warmup, "path": str(report)}
+    cfg.callbacks = OmegaConf.merge({"stall_meter": meter}, cfg.callbacks)
+    train(cfg)
+    result = json.loads(report.read_text())
     # The fetch alone: the same loader, no model.
+    conf = validate(cfg)
+    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed)
+    dm.prepare_tokenizer()
+    dm.prepare_data()
+    dm.setup("fit")
     it = iter(dm.train_dataloader())
     next(it)
     fetch = []
