@@ -49,7 +49,7 @@ def tiny_overrides(tmp_path: Path, train: Path, test: Path, steps: int = 20) -> 
         "trainer.limit_val_batches=4",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        "optim=adamw",  # the learning rates the tests write out; Muon in the app: tests/test_optim.py
+        "optim=adamw",  # rates the tests write out; Muon through the app: test_honest_numbers.py, test_ddp.py
         "optim.warmup_steps=5",
         "show_samples=false",
     ]

@@ -89,10 +89,15 @@ def _overrides(tmp_path: Path, train: Path, test: Path) -> list[str]:
     ]
 
 
+def muon_overrides(tmp_path, train, test) -> list[str]:
+    """The DDP overrides with the default optimizer, Muon: whole matrices on every rank, averaged gradients."""
+    return [o for o in _overrides(tmp_path, train, test) if o != "optim=adamw"] + ["optim=muon"]
+
+
 def test_two_process_ddp_shards_batches_and_keeps_weights_identical(small_corpus, tmp_path):
     train, test = small_corpus
     args = tmp_path / "args.json"
-    args.write_text(json.dumps({"overrides": [*_overrides(tmp_path, train, test), "run_name=ddp"],
+    args.write_text(json.dumps({"overrides": [*muon_overrides(tmp_path, train, test), "run_name=ddp"],
                                 "out_dir": str(tmp_path)}))
     proc = _run([sys.executable, __file__, str(args)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -117,7 +122,8 @@ def test_two_process_ddp_shards_batches_and_keeps_weights_identical(small_corpus
     from lingmao import train as train_mod
     from lingmao.config import CONF_DIR
 
-    one = [o for o in _overrides(tmp_path, train, test) if not o.startswith(("hardware.devices", "hardware.strategy"))]
+    one = [o for o in muon_overrides(tmp_path, train, test)
+           if not o.startswith(("hardware.devices", "hardware.strategy"))]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*one, "run_name=ddp", f"trainer.max_steps={STEPS + 2}"])
     assert train_mod.train(cfg) is not None
