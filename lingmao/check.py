@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from lingmao.cli import quote_unicode_overrides, report_config_errors
-from lingmao.errors import LingmaoError, exit_on_user_error
+from lingmao.cli import run_app
+from lingmao.errors import LingmaoError
 
 log = logging.getLogger(__name__)
 MARKS = "○●◐？"  # tone-mark lines of `python -m lingmao.generate show_tones=true` are skipped
@@ -129,14 +128,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@report_config_errors()
-@hydra.main(version_base="1.3", config_path="../conf", config_name="check")
-def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
-    with exit_on_user_error(bool(cfg.get("debug"))):
-        run(cfg)
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
-    main()
+    run_app(run, "check")

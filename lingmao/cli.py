@@ -10,6 +10,7 @@ import re
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf.errors import ValidationError
@@ -169,3 +170,26 @@ def report_config_errors(root: type | None = None) -> Callable[[Callable[..., An
         return wrapper
 
     return decorate
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the apps' configs
+
+
+def run_app(run: Callable[[Any], Any], config_name: str) -> None:
+    """`python -m lingmao.<app>`: compose conf/<config_name>.yaml from the command line (Chinese overrides quoted),
+    then `run(cfg)`; a mistake of the user's is one `error:` line and exit 2 (`debug=true`: the traceback)."""
+    import logging
+
+    import hydra
+
+    from lingmao.errors import exit_on_user_error
+
+    @report_config_errors()
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def main(cfg: Any) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+        with exit_on_user_error(bool(cfg.get("debug"))):
+            run(cfg)
+
+    sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
+    main()

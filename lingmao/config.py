@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, Vali
 from lingmao import names
 from lingmao.callbacks.night import NightConfig
 from lingmao.checks import check_fields, number, show
-from lingmao.cli import describe_hydra_error, describe_validation_error, first_line, unknown_key_message
+from lingmao.cli import CONF_DIR, describe_hydra_error, describe_validation_error, first_line, unknown_key_message
 from lingmao.data import DataConfig
 from lingmao.errors import LingmaoError
 from lingmao.hardware import HardwareConfig
@@ -31,7 +31,6 @@ from lingmao.model import ModelConfig
 from lingmao.optim import OptimConfig, check_strategy
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
-CONF_DIR = Path(__file__).parent.parent / "conf"
 
 @dataclass
 class PathsConfig:

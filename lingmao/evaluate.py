@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from lingmao.cli import quote_unicode_overrides, report_config_errors
-from lingmao.errors import LingmaoError, exit_on_user_error
+from lingmao.cli import run_app
+from lingmao.errors import LingmaoError
 from lingmao.names import slug
 
 log = logging.getLogger(__name__)
@@ -278,14 +277,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@report_config_errors()
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
-    with exit_on_user_error(bool(cfg.get("debug"))):
-        run(cfg)
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
-    main()
+    run_app(run, "evaluate")

@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from lingmao.cli import quote_unicode_overrides, report_config_errors
-from lingmao.errors import LingmaoError, exit_on_user_error
+from lingmao.cli import run_app
+from lingmao.errors import LingmaoError
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +102,5 @@ def run(cfg: DictConfig) -> list[str]:
     return texts
 
 
-@report_config_errors()
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
-def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
-    with exit_on_user_error(bool(cfg.get("debug"))):
-        run(cfg)
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
-    main()
+    run_app(run, "generate")

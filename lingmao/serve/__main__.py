@@ -10,15 +10,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import sys
 import time
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lingmao.cli import quote_unicode_overrides, report_config_errors
-from lingmao.errors import LingmaoError, exit_on_user_error
+from lingmao.cli import run_app
+from lingmao.errors import LingmaoError
 
 log = logging.getLogger("lingmao.serve")
 
@@ -101,14 +99,5 @@ def run(cfg: DictConfig) -> None:
         sock.close()
 
 
-@report_config_errors()
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
-def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
-    with exit_on_user_error(bool(cfg.get("debug"))):
-        run(cfg)
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = quote_unicode_overrides(sys.argv[1:])
-    main()
+    run_app(run, "serve")
