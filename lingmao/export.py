@@ -15,7 +15,6 @@ always holds, or recovers to, one complete export.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from tokenizers import Tokenizer
 
 from lingmao.data.tokenizer import load_tokenizer
 from lingmao.errors import LingmaoError
-from lingmao.io import file_mode, fsync_dir, fsync_file, make_temp_dir
+from lingmao.io import file_mode, file_sha256, fsync_dir, fsync_file, make_temp_dir
 from lingmao.model import ModelConfig, build_model
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -106,7 +105,7 @@ def export_model(
             "vocab_size": int(getattr(model, "vocab_size", tokenizer.get_vocab_size())),
             "model": cfg,
             "data": {k: (data_cfg or {}).get(k) for k in DATA_KEYS},
-            "sha256": {name: _sha256(staging / name) for name in (WEIGHTS, TOKENIZER)},
+            "sha256": {name: file_sha256(staging / name) for name in (WEIGHTS, TOKENIZER)},
         }
         (staging / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
         for name in EXPORT_FILES:
@@ -132,14 +131,6 @@ def finish_export(directory: Path) -> None:
             os.replace(ready / name, directory / name)
     fsync_dir(directory)
     shutil.rmtree(ready, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

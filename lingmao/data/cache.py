@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from lingmao.data.reading import ReadReport, TextSource
 from lingmao.data.tokenizer import NUM_SYMBOLS, FastEncoder, text_symbols, tokenizer_fingerprint
 from lingmao.errors import LingmaoError
+from lingmao.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ _WIDE = np.dtype("<u4")
 def document_hashes(texts: Sequence[str]) -> np.ndarray:
     """A stable hash of each text, the CRC-32 of its UTF-8: the same text gets the same hash in any run."""
     return np.fromiter(map(zlib.crc32, map(str.encode, texts)), dtype=np.uint32, count=len(texts))
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +308,7 @@ def _install(folder: Path, tmp: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 def _entry_folder(path: Path, source: TextSource, cache_dir: Path, tokenizer: Tokenizer | None) -> Path:
     values = "symbols" if tokenizer is None else f"ids:{tokenizer_fingerprint(tokenizer)}"
-    key = hashlib.sha256(f"{file_digest(path)}|{source.key(path)}|{values}|{FORMAT}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{file_sha256(path)}|{source.key(path)}|{values}|{FORMAT}".encode()).hexdigest()[:20]
     return cache_dir / f"{path.name}.{key}"
 
 
