@@ -20,7 +20,7 @@ from torchmetrics.text import Perplexity
 
 from lingmao.callbacks.monitoring import logs_this_step
 from lingmao.model import ModelConfig, build_model
-from lingmao.optim import OptimConfig, build_optimizer, group_schedule, warmup_cosine
+from lingmao.optim import OptimConfig, apply_schedule, build_optimizer, group_schedule
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +121,10 @@ class LingmaoLM(L.LightningModule):
             done.append((t.current_epoch + batch_idx / batches) / t.max_epochs)
         return max(done) if done else 0.0
 
-    def warmup_steps(self, configured: int) -> int:
-        return configured if self.warmup_cap is None else min(configured, self.warmup_cap)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step, progress, total = self.trainer.global_step, self.progress(batch_idx), self.total_steps()
         for optimizer in self.trainer.optimizers:
-            for group, (peak, warmup, floor) in zip(optimizer.param_groups, self._schedules, strict=False):
-                factor = warmup_cosine(step, self.warmup_steps(warmup), total, floor, progress)
-                group["lr"] = peak * factor * self.lr_scale
+            apply_schedule(optimizer, self._schedules, step, total, progress, self.warmup_cap, self.lr_scale)
 
     def fit_warmup(self, planned_steps: float) -> None:
         """A warm-up longer than half the run would leave the run no time to learn at full rate: use a tenth of

@@ -9,13 +9,12 @@ schedule. Lightning's automatic optimization takes one optimizer, so the two are
 Parameters are told apart by NAME, not by shape: under FSDP the optimizer sees flat 1-D shards.
 
 The schedule is linear warm-up then cosine decay to a floor, per parameter group, as a pure function of
-the optimizer step and the config (`LRSchedule`): a checkpoint carries the step count only, so a resumed
-run follows the config it is given.
+the optimizer step and the config (`apply_schedule`, called before every step): nothing of it comes from a
+checkpoint, so a resumed run follows the config it is given.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -284,47 +283,15 @@ def group_schedule(cfg: OptimConfig, group: dict[str, Any]) -> tuple[float, int,
     return cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio
 
 
-class LRSchedule(torch.optim.lr_scheduler.LambdaLR):
-    """`LambdaLR` with one pure multiplier per group, times `scale` (night mode's LR factor).
+def apply_schedule(optimizer: torch.optim.Optimizer, schedules: list[tuple[float, int, float]], step: int,
+                   total_steps: float, progress: float | None = None, warmup_cap: int | None = None,
+                   scale: float = 1.0) -> None:
+    """Set every group's learning rate for optimizer step `step`: its own (peak, warm-up, floor) from
+    `schedules` (`group_schedule` of each group, in order), warm-up capped at `warmup_cap`, times `scale`.
 
-    Its checkpoint carries the step count only: the base learning rates and the curves are those of
-    the config it was built with, and `scale` is set again by whoever owns it.
+    Only the config decides: whatever rate a group carries (e.g. from a checkpoint's optimizer state) is
+    overwritten, so a resumed run follows the schedule its own command describes.
     """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambdas: list[Callable[[int], float]]) -> None:
-        self.scale = 1.0
-        super().__init__(optimizer, lr_lambdas)
-
-    def get_lr(self) -> list[float]:
-        step = self.last_epoch
-        return [base * fn(step) * self.scale for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
-
-    def _apply(self) -> None:
-        """Set the groups' learning rates for the current step (between steps: after a load or a new scale)."""
-        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, self.get_lr(), strict=True):
-            group["lr"], group["initial_lr"] = lr, base
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def set_scale(self, scale: float) -> None:
-        """Multiply the whole curve by `scale` from now on."""
-        self.scale = scale
-        self._apply()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_epoch = state_dict["last_epoch"]
-        self._step_count = state_dict["_step_count"]
-        self._apply()
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LRSchedule:
-    """Warm-up + cosine over `total_steps` optimizer steps for every group; Muon's group by `cfg.muon`."""
-    total_steps = max(1, int(total_steps))
-
-    def curve(group: dict[str, Any]) -> Callable[[int], float]:
-        _, warmup, floor = group_schedule(cfg, group)
-        return functools.partial(warmup_cosine, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=floor)
-
-    return LRSchedule(optimizer, [curve(group) for group in optimizer.param_groups])
+    for group, (peak, warmup, floor) in zip(optimizer.param_groups, schedules, strict=False):
+        warmup = warmup if warmup_cap is None else min(warmup, warmup_cap)
+        group["lr"] = peak * warmup_cosine(step, warmup, total_steps, floor, progress) * scale

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lingmao.data import make_converter
 from lingmao.data.tokenizer import special_ids, train_tokenizer
 from lingmao.model import ModelConfig, build_model
-from lingmao.optim import MuonConfig, OptimConfig, build_optimizer, build_schedule
+from lingmao.optim import MuonConfig, OptimConfig, apply_schedule, build_optimizer, group_schedule
 
 SAMPLE = Path(__file__).resolve().parent.parent / "lingmao" / "corpus" / "poetry_sample"
 DEFAULT_VARIANTS = [
@@ -143,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(v.seed)
         model = build_model(replace(v.model, max_len=max(v.model.max_len, args.context)), vocab)
         optimizer = build_optimizer(model, v.optim)
-        runs.append((v, model, optimizer, build_schedule(optimizer, v.optim, args.steps)))
+        runs.append((v, model, optimizer, [group_schedule(v.optim, g) for g in optimizer.param_groups]))
 
     for step in range(args.steps):
-        for v, model, optimizer, schedule in runs:
+        for v, model, optimizer, schedules in runs:
+            apply_schedule(optimizer, schedules, step, args.steps)
             g = torch.Generator().manual_seed(v.seed * 1_000_003 + step)  # same batches for every variant of a seed
             starts = torch.randint(0, len(train) - args.context - 1, (args.batch,), generator=g)
             chunk = torch.stack([train[s : s + args.context + 1] for s in starts.tolist()])
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), v.optim.max_grad_norm or math.inf)
             optimizer.step()
-            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             v.step_seconds.append(time.perf_counter() - t0)
             v.train_losses.append(loss.item())

@@ -13,24 +13,16 @@ from lingmao.optim import (
     Muon,
     MuonConfig,
     OptimConfig,
+    apply_schedule,
     build_optimizer,
-    build_schedule,
     check_strategy,
+    group_schedule,
     orthogonalize,
     split_parameters,
     warmup_cosine,
 )
 
 VOCAB = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine a second thread costs many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(arch: str = "gpt", **kw) -> torch.nn.Module:
@@ -206,16 +198,22 @@ def batches(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 13), generator=torch.Generator().manual_seed(1000 + step))
 
 
-def train(model, opt, schedule, steps: int, first: int = 0, clip: float | None = 1.0) -> None:
+def schedules_of(opt, cfg: OptimConfig) -> list[tuple[float, int, float]]:
+    """What LingmaoLM.configure_optimizers keeps: each group's (peak, warm-up, floor) from the config."""
+    return [group_schedule(cfg, group) for group in opt.param_groups]
+
+
+def train(model, opt, schedules, steps: int, first: int = 0, clip: float | None = 1.0, total: int = 8) -> None:
+    """`steps` optimizer steps from step `first`, the learning rates set before each as the app sets them."""
     for step in range(first, first + steps):
+        if schedules is not None:
+            apply_schedule(opt, schedules, step, total)
         x = batches(step)
         loss = F.cross_entropy(model(x[:, :-1]).reshape(-1, VOCAB), x[:, 1:].reshape(-1))
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
         opt.step()
-        if schedule is not None:
-            schedule.step()
         opt.zero_grad()
 
 
@@ -224,26 +222,24 @@ def test_resume_from_a_saved_state_is_exact(name):
     cfg = OptimConfig(name=name, warmup_steps=2, muon=MuonConfig(weight_decay=0.01, warmup_steps=3))
     straight = tiny()
     opt = build_optimizer(straight, cfg)
-    train(straight, opt, build_schedule(opt, cfg, 8), 8)
+    train(straight, opt, schedules_of(opt, cfg), 8)
 
     first = tiny()
     opt = build_optimizer(first, cfg)
-    schedule = build_schedule(opt, cfg, 8)
-    train(first, opt, schedule, 4)
+    train(first, opt, schedules_of(opt, cfg), 4)
     buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optim": opt.state_dict(), "schedule": schedule.state_dict()}, buffer)
+    torch.save({"model": first.state_dict(), "optim": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
 
     resumed = tiny()  # fresh weights and optimizer, as a new process would build them
     opt = build_optimizer(resumed, cfg)
-    schedule = build_schedule(opt, cfg, 8)
+    schedules = schedules_of(opt, cfg)  # taken before the load, as the app does
     resumed.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optim"])
-    schedule.load_state_dict(saved["schedule"])
     if name == "muon":
         assert opt.optimizers[1].state is opt.state  # still shared after the load
-    train(resumed, opt, schedule, 4, first=4)
+    train(resumed, opt, schedules, 4, first=4)
 
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
@@ -251,7 +247,7 @@ def test_resume_from_a_saved_state_is_exact(name):
     lost = tiny()
     lost.load_state_dict(saved["model"])
     opt = build_optimizer(lost, cfg)
-    train(lost, opt, build_schedule(opt, cfg, 8), 4, first=4)
+    train(lost, opt, schedules_of(opt, cfg), 4, first=4)
     assert not all(torch.equal(a, b) for a, b in zip(straight.parameters(), lost.parameters(), strict=True))
 
 
@@ -279,61 +275,59 @@ def test_each_group_follows_its_own_config():
     cfg = OptimConfig(name="muon", lr=1e-3, warmup_steps=4, min_lr_ratio=0.1,
                       muon=MuonConfig(lr=0.02, warmup_steps=0, min_lr_ratio=0.0))
     opt = build_optimizer(tiny(), cfg)
-    schedule = build_schedule(opt, cfg, 20)
+    schedules = schedules_of(opt, cfg)
     seen = []
-    for _ in range(20):
+    for step in range(21):
+        apply_schedule(opt, schedules, step, 20)
         seen.append(lrs(opt))
-        opt.step()
-        schedule.step()
     assert seen[0]["decay"] == pytest.approx(1e-3 * 0.25) and seen[0]["no_decay"] == seen[0]["decay"]
     assert seen[0]["muon"] == pytest.approx(0.02)  # no warm-up for Muon
     assert seen[12]["decay"] == pytest.approx(1e-3 * warmup_cosine(12, 4, 20, 0.1))
     assert seen[12]["muon"] == pytest.approx(0.02 * warmup_cosine(12, 0, 20, 0.0))
-    assert lrs(opt)["muon"] == pytest.approx(0.0) and lrs(opt)["decay"] == pytest.approx(1e-4)  # the floors
+    assert seen[20]["muon"] == pytest.approx(0.0) and seen[20]["decay"] == pytest.approx(1e-4)  # the floors
 
 
 def test_null_muon_schedule_settings_follow_adamw():
-    cfg = OptimConfig(name="muon", warmup_steps=4)
+    cfg = OptimConfig(name="muon", warmup_steps=4, min_lr_ratio=0.3)
     opt = build_optimizer(tiny(), cfg)
-    build_schedule(opt, cfg, 20)
+    assert [s for g, s in zip(opt.param_groups, schedules_of(opt, cfg), strict=True) if g["name"] == "muon"] == [
+        (cfg.muon.lr, 4, 0.3)]
+    apply_schedule(opt, schedules_of(opt, cfg), 0, 20)
     assert lrs(opt)["muon"] == pytest.approx(cfg.muon.lr / 4)
 
 
 def test_resumed_schedule_follows_the_config_it_is_given():
+    """A checkpoint's optimizer state carries the old run's rates in its groups; the rates set before the next
+    step are those of the new config (another peak, floor and length), at the step reached."""
     old = OptimConfig(lr=1e-3, warmup_steps=2)
     opt = build_optimizer(tiny(), old)
-    schedule = build_schedule(opt, old, 100)
-    schedule.set_scale(0.5)  # night mode
-    for _ in range(10):
+    for step in range(10):
+        apply_schedule(opt, schedules_of(opt, old), step, 100, scale=0.5)  # a night
         opt.step()
-        schedule.step()
-    saved = {"optim": opt.state_dict(), "schedule": schedule.state_dict()}
-    assert set(saved["schedule"]) == {"last_epoch", "_step_count"}
+    saved = opt.state_dict()
 
     new = OptimConfig(lr=3e-3, warmup_steps=2, min_lr_ratio=0.0)
     opt = build_optimizer(tiny(), new)
-    schedule = build_schedule(opt, new, 50)  # a longer or shorter run, another LR
-    opt.load_state_dict(saved["optim"])  # carries the old lr in its groups
-    schedule.load_state_dict(saved["schedule"])
-    expected = 3e-3 * warmup_cosine(10, 2, 50, 0.0)
-    assert lrs(opt)["decay"] == pytest.approx(expected)  # the new curve at the step reached; the scale is not saved
-    assert schedule.get_last_lr()[0] == pytest.approx(expected)
-    opt.step()
-    schedule.step()
-    assert lrs(opt)["decay"] == pytest.approx(3e-3 * warmup_cosine(11, 2, 50, 0.0))
+    schedules = schedules_of(opt, new)
+    opt.load_state_dict(saved)
+    assert lrs(opt)["decay"] == pytest.approx(1e-3 * warmup_cosine(9, 2, 100, 0.1) * 0.5)  # the old run's rate
+    apply_schedule(opt, schedules, 10, 50)
+    assert lrs(opt)["decay"] == pytest.approx(3e-3 * warmup_cosine(10, 2, 50, 0.0))
+    apply_schedule(opt, schedules, 11, 50, warmup_cap=1)
+    assert lrs(opt)["decay"] == pytest.approx(3e-3 * warmup_cosine(11, 1, 50, 0.0))
 
 
 def test_scale_multiplies_every_group_at_once():
     cfg = OptimConfig(name="muon", warmup_steps=0)
     opt = build_optimizer(tiny(), cfg)
-    schedule = build_schedule(opt, cfg, 10)
+    schedules = schedules_of(opt, cfg)
+    apply_schedule(opt, schedules, 1, 10)
     before = lrs(opt)
-    schedule.set_scale(0.25)
+    apply_schedule(opt, schedules, 1, 10, scale=0.25)
     after = lrs(opt)
+    assert set(before) == {"decay", "no_decay", "muon"}
     assert all(after[k] == pytest.approx(before[k] * 0.25) for k in before)
-    opt.step()
-    schedule.step()
-    assert lrs(opt)["muon"] == pytest.approx(cfg.muon.lr * warmup_cosine(1, 0, 10, 0.1) * 0.25)
+    assert after["muon"] == pytest.approx(cfg.muon.lr * warmup_cosine(1, 0, 10, 0.1) * 0.25)
 
 
 def test_clipping_sees_every_group():
@@ -368,8 +362,7 @@ def test_lightning_trains_and_resumes_with_muon_exactly(tmp_path):
             return F.cross_entropy(self.model(x[:, :-1]).reshape(-1, VOCAB), x[:, 1:].reshape(-1))
 
         def configure_optimizers(self):
-            opt = build_optimizer(self.model, cfg)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": build_schedule(opt, cfg, 4), "interval": "step"}}
+            return build_optimizer(self.model, cfg)
 
     loader = DataLoader(TensorDataset(torch.cat([batches(i) for i in range(4)])), batch_size=4)  # 4 batches
 
