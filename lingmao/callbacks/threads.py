@@ -136,6 +136,11 @@ class ThreadTuner(L.Callback):
         now = time.perf_counter()
         took, self._last_end = (now - self._last_end if self._last_end is not None else None), now
         sample, self._sample = self._sample, cpu_sample()
+        if self._night_holds(trainer):
+            # Night mode sets the threads now: a round under way is dropped (its steps ran on another count), and
+            # a new one starts with the first step of the day.
+            self._current, self._next_round = None, 0.0
+            return
         if self._current is None:
             if now >= self._next_round and not self._night_holds(trainer):
                 self._start_round(free_cores(sample, self._sample, usable_cores()))
@@ -174,5 +179,5 @@ class ThreadTuner(L.Callback):
         log.info("CPU threads: %d (per step with %s; hardware.cpu_threads=N fixes it)", self.chosen, shown)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.active and self._current is not None and self.chosen is not None:
+        if self.active and self._current is not None and self.chosen is not None and not self._night_holds(trainer):
             torch.set_num_threads(self.chosen)  # a round cut short by the end of training
