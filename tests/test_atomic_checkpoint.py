@@ -45,9 +45,9 @@ def _train_forever(cfg) -> None:
     train(cfg)
 
 
-def _save_forever(checkpoint: dict, path: str) -> None:
+def _save_forever(checkpoint: dict, path: str, first: int) -> None:
     io = AtomicCheckpointIO()
-    for version in itertools.count(1):
+    for version in itertools.count(first):
         checkpoint["version"] = version
         io.save_checkpoint(checkpoint, path)
 
@@ -60,6 +60,7 @@ def _wait(condition, proc, seconds: float = 60) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(tmp_path, small_corpus):
     """Part 1 kills real training runs (checkpoint every step) while they write; each next run resumes.
     Part 2 kills a process that does nothing but save a real checkpoint, at uniformly random moments."""
@@ -105,9 +106,9 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(tmp_path, small_co
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     remove_stale_temporaries(ckpt_dir)  # what the last killed run left (a next run would remove it)
     save_kills = mid_write = 0
-    versions = []
+    versions = [0]  # each save loop numbers its saves on from the version the last kill left
     while save_kills < MAX_KILLS and time.monotonic() - started < MAX_SECONDS:
-        proc = ctx.Process(target=_save_forever, args=(checkpoint, str(last)))
+        proc = ctx.Process(target=_save_forever, args=(checkpoint, str(last), versions[-1] + 1))
         proc.start()
         time.sleep(rng.uniform(0.05, 0.4))
         proc.kill()
@@ -116,7 +117,7 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(tmp_path, small_co
         mid_write += bool(temporaries())
         loaded = torch.load(last, map_location="cpu", weights_only=False)
         assert loaded["global_step"] == checkpoint["global_step"]
-        assert loaded["state_dict"].keys() == checkpoint["state_dict"].keys()
+        assert all(torch.equal(loaded["state_dict"][k], v) for k, v in checkpoint["state_dict"].items())
         versions.append(loaded.get("version", 0))
         assert remove_stale_temporaries(ckpt_dir) <= 1
     print(
@@ -125,3 +126,7 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(tmp_path, small_co
         f"every checkpoint loaded; {time.monotonic() - started:.0f} s"
     )
     assert save_kills >= 5
+    # The kills landed while a checkpoint was being written (else this part tested nothing), and each left the
+    # newest whole save or one before it: never an older one, and the saves went on between kills.
+    assert mid_write >= max(1, save_kills // 4), (mid_write, save_kills)  # the rest: before the first save
+    assert versions == sorted(versions) and versions[-1] > 0, versions

@@ -5,14 +5,15 @@ metrics that stay under their own headers across resumes."""
 from __future__ import annotations
 
 import csv
+import itertools
+import json
+import logging
 import math
 import multiprocessing
 import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,13 +21,14 @@ import pytest
 import torch
 
 from lingmao import export_model, load_model
-from lingmao.checkpointing import load_checkpoint_file
+from lingmao.checkpointing import TrainingInterrupted, load_checkpoint_file
+from lingmao.config import compose_config
 from lingmao.data.tokenizer import train_tokenizer
 from lingmao.errors import LingmaoError
 from lingmao.export import READY
 from lingmao.model import ModelConfig, build_model
-from tests.conftest import tiny_overrides
-from tests.test_interrupt import start, wait_for
+from lingmao.train import train as train_run
+from tests.conftest import SignalAt, run_module, tiny_overrides, train_with
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0, max_len=64)
@@ -68,49 +70,105 @@ def test_the_api_refuses_a_folder_that_is_not_an_export(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
 
 
+@pytest.mark.slow
 def test_the_app_keeps_a_file_put_into_its_export_folder(small_corpus, tmp_path):
     train, test = small_corpus
     target = tmp_path / "export"
-    args = [*tiny_overrides(tmp_path, train, test, steps=3), f"model_save_dir={target}", "run_test=false",
-            "auto_resume=false"]
-    run = [sys.executable, "-m", "lingmao.train", *args]
-    assert subprocess.run(run, capture_output=True, timeout=300, cwd=ROOT).returncode == 0
+    cfg = compose_config([*tiny_overrides(tmp_path, train, test, steps=3), f"model_save_dir={target}",
+                          "run_test=false", "auto_resume=false"])
+    train_run(cfg)
     (target / "notes.txt").write_text("the user's notes")
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_run(cfg)
     assert (target / "notes.txt").read_text() == "the user's notes"
     load_model(target)
 
 
-def _export_forever(target: str, ready: multiprocessing.synchronize.Event) -> None:
+def stamped_parts(version: int):
+    """A tiny model whose first weight matrix is filled with `version`: each export of the loop below differs
+    from the one before, so an export torn between two of them is seen."""
     model, tok = tiny_parts()
-    export_model(target, model, tok, CFG)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float(version))
+    return model, tok
+
+
+def export_version(target: Path) -> int:
+    """The version of the export in `target`, after checking that its files belong together: the weights and
+    tokenizer are those whose checksums its config.json records."""
+    from lingmao.export import CONFIG, TOKENIZER, WEIGHTS
+    from lingmao.io import file_sha256
+
+    loaded = load_model(target)  # finishes an export caught between commit and move, if there is one
+    recorded = json.loads((target / CONFIG).read_text(encoding="utf-8"))["sha256"]
+    assert recorded == {name: file_sha256(target / name) for name in (WEIGHTS, TOKENIZER)}, "a torn export"
+    values = next(loaded.model.parameters()).unique()
+    assert len(values) == 1
+    return int(values.item())
+
+
+def _export_forever(target: str, first: int, ready: multiprocessing.synchronize.Event) -> None:
+    export_model(target, *stamped_parts(first), CFG)
     ready.set()
-    while True:
-        export_model(target, model, tok, CFG)
+    for version in itertools.count(first + 1):
+        export_model(target, *stamped_parts(version), CFG)
 
 
-def test_kill_9_at_random_moments_always_leaves_a_loadable_export(tmp_path):
+@pytest.mark.slow
+def test_kill_9_at_random_moments_always_leaves_a_whole_export(tmp_path):
+    """Each kill leaves one whole export (never a mix of two), the newest committed one or the one before; the
+    next load or export finishes one caught while moving into place."""
     target = tmp_path / "export"
-    (tmp_path / "keep").mkdir()
     rng = random.Random(7)
     context = multiprocessing.get_context("fork")
-    recovered = 0
+    version = 0
     for _ in range(20):
         ready = context.Event()
-        proc = context.Process(target=_export_forever, args=(str(target), ready))
+        proc = context.Process(target=_export_forever, args=(str(target), version + 1, ready))
         proc.start()
         assert ready.wait(60)
         time.sleep(rng.uniform(0, 0.05))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        recovered += (target / READY).is_dir()
-        loaded = load_model(target)  # finishes an export caught between commit and move, if there is one
-        assert loaded.config["model"]["d_model"] == 16
+        found = export_version(target)
+        assert found > version, "each kill leaves the newest export this process committed, or the one before"
+        version = found
         assert not (target / READY).exists()
     # Stray staging folders are the next export's to remove; none of them is ever read.
     export_model(target, *tiny_parts(), CFG)
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def _die_while_moving_into_place(target: str) -> None:
+    """Export version 2 over version 1 and die of SIGKILL after its first file has moved into place."""
+    from lingmao import export
+
+    export_model(target, *stamped_parts(1), CFG)
+    replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:  # 1: the commit (staging -> .export-ready), 2: the first file moved into place
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    export.os.replace = replace_then_die
+    export_model(target, *stamped_parts(2), CFG)
+
+
+@pytest.mark.parametrize("finisher", ["load", "export"])
+def test_an_export_killed_while_moving_into_place_is_finished_by_the_next_load_or_export(tmp_path, finisher):
+    target = tmp_path / "export"
+    proc = multiprocessing.get_context("fork").Process(target=_die_while_moving_into_place, args=(str(target),))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert (target / READY).is_dir(), "killed after the commit: the new export waits in .export-ready"
+    if finisher == "export":
+        export_model(target, *stamped_parts(3), CFG)
+        assert export_version(target) == 3
+    else:
+        assert export_version(target) == 2, "the committed export, whole"
+    assert not (target / READY).exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +201,7 @@ def test_a_code_running_checkpoint_is_refused_and_runs_nothing(crafted):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("app", ["generate", "evaluate", "train"])
 def test_every_app_refuses_it_with_one_line(crafted, app, small_corpus, tmp_path):
     path, marker = crafted
@@ -150,8 +209,7 @@ def test_every_app_refuses_it_with_one_line(crafted, app, small_corpus, tmp_path
     args = {"generate": [f"ckpt={path}", f"tokenizer={train}"],
             "evaluate": [f"ckpt={path}", f"data.test_file={test}"],
             "train": [*tiny_overrides(tmp_path, train, test, steps=2), f"resume_from={path}"]}[app]
-    proc = subprocess.run([sys.executable, "-m", f"lingmao.{app}", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = run_module(f"lingmao.{app}", *args, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "refused" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
@@ -160,35 +218,33 @@ def test_every_app_refuses_it_with_one_line(crafted, app, small_corpus, tmp_path
 # ----------------------------------------------------------------------------------------------
 # last.ckpt across stop/resume cycles, and the metrics rows
 # ----------------------------------------------------------------------------------------------
-def test_three_stop_resume_cycles_one_last_ckpt_and_aligned_metrics(tmp_path, small_corpus):
+@pytest.mark.slow
+def test_three_stop_resume_cycles_one_last_ckpt_and_aligned_metrics(tmp_path, small_corpus, monkeypatch, caplog):
+    """Stopped by SIGTERM, SIGINT and SIGTERM again at steps of no checkpoint, resumed each time by the same
+    command: one last.ckpt, always the newest; then finished and tested: every row of metrics.csv keeps its
+    values under its own headers."""
+    train, test = small_corpus
     ckpts = tmp_path / "outputs" / "runs" / "sig" / "checkpoints"
     last = ckpts / "last.ckpt"
+
+    def cfg(steps: int):
+        return compose_config([*tiny_overrides(tmp_path, train, test, steps=steps), "run_name=sig",
+                               "checkpoint_every_n_steps=2", "trainer.val_check_interval=50",
+                               "trainer.log_every_n_steps=1", f"model_save_dir={tmp_path / 'export'}"])
+
+    caplog.set_level(logging.INFO, logger="lingmao")
     saved = 0
-    for cycle in range(3):
-        proc = start(tmp_path, small_corpus, "trainer.log_every_n_steps=1")
-        if cycle == 0:
-            wait_for(last, proc)
-        else:  # wait for this session's own first save past the resumed step
-            deadline = time.monotonic() + 120
-            while torch.load(last, weights_only=True)["global_step"] <= saved and time.monotonic() < deadline:
-                time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 143, err[-3000:]
+    for cycle, (step, signum) in enumerate([(3, signal.SIGTERM), (7, signal.SIGINT), (11, signal.SIGTERM)]):
+        caplog.clear()
+        with pytest.raises(TrainingInterrupted) as info:
+            train_with(monkeypatch, cfg(100), SignalAt(step, signum))
         if cycle:
-            assert f"resuming from {last}: epoch 0, step {saved}" in out + err, (out + err)[-3000:]
-        saved = int(err.split(": saved step ")[1].split()[0])
+            assert f"resuming from {last}: epoch 0, step {saved}" in caplog.text, caplog.text[-3000:]
+        assert info.value.step == step and info.value.checkpoint == last
+        saved = step
         assert torch.load(last, weights_only=True)["global_step"] == saved
         assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
-    # Finish with a test: every row of metrics.csv keeps its values under their own headers.
-    train, test = small_corpus
-    final = subprocess.run(
-        [sys.executable, "-m", "lingmao.train", *tiny_overrides(tmp_path, train, test, steps=saved + 4),
-         "run_name=sig", "checkpoint_every_n_steps=2", "trainer.val_check_interval=50",
-         f"model_save_dir={tmp_path / 'export'}", "trainer.log_every_n_steps=1"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert final.returncode == 0, final.stderr[-3000:]
+    train_with(monkeypatch, cfg(saved + 4))
     with open(ckpts.parent / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     train_rows = [r for r in rows if r["train/loss"]]
@@ -197,19 +253,21 @@ def test_three_stop_resume_cycles_one_last_ckpt_and_aligned_metrics(tmp_path, sm
         assert float(r["train/ppl"]) == pytest.approx(math.exp(float(r["train/loss"])), rel=1e-4), r
         assert 0 < float(r["lr"]) <= 1e-3 * (1 + 1e-6) and float(r["tokens_per_sec"]) > 0, r
     assert {r["session"] for r in train_rows} == {"1.0", "2.0", "3.0", "4.0"}
+    assert [int(float(r["step"])) for r in train_rows] == list(range(1, saved + 5))  # each step once
 
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes and the user's umask
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_files_get_the_users_permissions(small_corpus, tmp_path):
     train, test = small_corpus
-    proc = subprocess.run(
-        ["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "lingmao.train",
-         *tiny_overrides(tmp_path, train, test, steps=2), "run_name=perm", "run_test=false"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = compose_config([*tiny_overrides(tmp_path, train, test, steps=2), "run_name=perm", "run_test=false"])
+    umask = os.umask(0o022)
+    try:
+        train_run(cfg)
+    finally:
+        os.umask(umask)
     run_dir = tmp_path / "outputs" / "runs" / "perm"
     for path in [run_dir / "export", *(run_dir / "export").iterdir(), run_dir / "checkpoints" / "last.ckpt",
                  run_dir / "config.yaml", run_dir / "finished.json"]:
