@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import lingmao
 from lingmao import LingmaoError, load_model, train_model
 from lingmao.api import PARAMETERS, design_overrides
 from lingmao.config import compose_config, validate
+from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +65,7 @@ def _design_call(small_corpus, tmp_path, **changed):
     )
 
 
+@pytest.mark.slow
 def test_the_design_example_trains_tests_and_exports(small_corpus, tmp_path):
     """The design document's call, scaled down to a tiny model and one short epoch."""
     result = _design_call(small_corpus, tmp_path)
@@ -75,6 +75,7 @@ def test_the_design_example_trains_tests_and_exports(small_corpus, tmp_path):
     assert load_model(result.export_dir).config["model"]["d_model"] == 32
 
 
+@pytest.mark.slow
 def test_the_design_resume_example_continues_the_same_run(small_corpus, tmp_path):
     """The design's second use: the same call with more epochs continues from its checkpoint."""
     first = _design_call(small_corpus, tmp_path)
@@ -94,6 +95,7 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_model_stands_alone_without_lightning_or_hydra(tmp_path):
     from lingmao.data.tokenizer import train_tokenizer
     from lingmao.export import export_model
@@ -110,7 +112,7 @@ def test_the_model_stands_alone_without_lightning_or_hydra(tmp_path):
         blocked = [m for m in sys.modules if m.split(".")[0] in ("lightning", "hydra", "omegaconf")]
         print("loaded:", blocked)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = run_module("-c", script, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "loaded: []"

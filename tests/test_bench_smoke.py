@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import SAMPLE, cut_corpus
 
+pytestmark = pytest.mark.slow
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 

@@ -146,6 +146,7 @@ class StepCounter(L.Callback):
         self.every = every
 
 
+@pytest.mark.slow
 def test_real_cpu_run_with_both_set(small_corpus, tmp_path, caplog, cuda_calls, monkeypatch):
     """On CPU both settings are accepted, say once that they do not apply, and call nothing."""
     caplog.set_level(logging.INFO, logger="lingmao")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from lingmao.config import CONF_DIR, SCHEMAS, unknown_keys, validate
 from lingmao.distributed import build_strategy
 from lingmao.errors import LingmaoError
 from lingmao.hardware import FSDPConfig, HardwareConfig
+from tests.conftest import run_module
 
 
 def _installed(module: str) -> bool:
@@ -181,13 +180,11 @@ def test_optuna_search_without_the_plugin_names_what_is_missing(hydra_conf):
         composed("hparams_search=optuna", hydra_node=True)
 
 
+@pytest.mark.slow
 def test_cfg_job_from_the_entry_point():
     """`--cfg job` through the real entry point (resolvers and all): prints the composed config."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "lingmao.train", "experiment=smoke", "hardware=ddp", "hardware.devices=2",
-         "--cfg", "job", "--resolve"],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = run_module("lingmao.train", "experiment=smoke", "hardware=ddp", "hardware.devices=2", "--cfg", "job",
+                      "--resolve", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["hardware"]["strategy"] == "ddp" and cfg["hardware"]["devices"] == 2

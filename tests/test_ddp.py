@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 STEPS = 4
 

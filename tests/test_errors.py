@@ -9,9 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,7 @@ from lingmao.data.tokenizer import load_tokenizer
 from lingmao.errors import LingmaoError
 from lingmao.export import load_model
 from lingmao.hardware import available_accelerators
-from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
+from tests.conftest import SAMPLE, cut_corpus, kill_session, start_module, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,6 +200,7 @@ def test_accelerator_that_is_not_here(conf, ws: Workspace) -> None:
         validate(compose("train", overrides=ws.overrides(f"hardware={missing}")))
 
 
+@pytest.mark.slow
 def test_too_few_windows_for_a_batch(conf, ws: Workspace) -> None:
     """Fails inside fit (the loaders are built there) and still leaves the previous run alone."""
     from lingmao.train import train
@@ -303,7 +301,6 @@ CLI_CASES = {
 def cli_results(tmp_path_factory) -> dict[str, tuple[int, str, Workspace]]:
     results = {}
     procs = {}
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     for name, (extra, _, _) in CLI_CASES.items():
         root = tmp_path_factory.mktemp(name)
         w = Workspace(root, cut_corpus(SAMPLE / "train.jsonl", root / "train.jsonl", 50),
@@ -313,16 +310,17 @@ def cli_results(tmp_path_factory) -> dict[str, tuple[int, str, Workspace]]:
         (root / "outputs" / "runs" / "t" / "checkpoints" / "last.ckpt").write_bytes(b"keep me")
         w.snapshot()
         args = [*w.overrides(), *(e.format(bad=bad) for e in extra)]
-        procs[name] = (w, subprocess.Popen(
-            [sys.executable, "-m", "lingmao.train", *args], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        procs[name] = (w, start_module("lingmao.train", *args, cwd=ROOT, env={"HYDRA_FULL_ERROR": None}))
     for name, (w, proc) in procs.items():
-        out, err = proc.communicate(timeout=300)
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            kill_session(proc)
         results[name] = (proc.returncode, out + err, w)
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_entry_point_exit_code_and_message(cli_results, name: str) -> None:
     code, output, w = cli_results[name]

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lingmao import LingmaoError, export_model, load_model
-from lingmao.data import iter_documents
-from lingmao.data.tokenizer import train_tokenizer
+from lingmao import LingmaoError, load_model
 from lingmao.evaluate import evaluate_file
-from lingmao.model import ModelConfig, build_model
+from tests.conftest import run_module
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-CORPUS = Path(__file__).resolve().parent.parent / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"
-MODEL_CFG = dict(d_model=32, nhead=2, num_layers=1, dim_feedforward=64, dropout=0.0, max_len=128)
 POEMS = [
     "秦川雄帝宅，函谷壯皇居。\n綺殿千尋起，離宮百雉餘。",
     "執契靜三邊，持衡臨萬姓。",
@@ -32,12 +22,8 @@ POEMS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    tok = train_tokenizer(itertools.islice(iter_documents(CORPUS), 300))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**MODEL_CFG), tok.get_vocab_size())
-    data = {"context_length": 16, "text_key": "text", "template": None, "convert": "none"}
-    return export_model(tmp_path_factory.mktemp("eval") / "model", model, tok, ModelConfig(**MODEL_CFG), data)
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir  # context length 64
 
 
 @pytest.fixture()
@@ -91,20 +77,18 @@ def test_a_model_that_knows_nothing_scores_log2_of_the_vocabulary(model_dir, tes
 
 def test_context_length_from_the_export(model_dir, test_file):
     lm = load_model(model_dir)
-    assert evaluate_file(lm, test_file, progress=False)["context_length"] == 16
+    assert evaluate_file(lm, test_file, progress=False)["context_length"] == 64
     with pytest.raises(LingmaoError, match="not found"):
         evaluate_file(lm, test_file.with_name("missing.jsonl"), progress=False)
     with pytest.raises(LingmaoError, match="longer than the model"):
         evaluate_file(lm, test_file, context_length=1000, progress=False)
 
 
+@pytest.mark.slow
 def test_cli(model_dir, test_file, tmp_path):
     out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lingmao.evaluate", f"model_dir={model_dir}", f"data.test_file={test_file}",
-         f"output={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_module("lingmao.evaluate", f"model_dir={model_dir}", f"data.test_file={test_file}", f"output={out}",
+                      cwd=tmp_path, timeout=120, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text(encoding="utf-8"))
     assert "perplexity" in proc.stdout and str(out) in proc.stdout

@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from pypinyin import Style, pinyin
 
-from lingmao import LingmaoError, export_model, load_model
-from lingmao.data import iter_documents
-from lingmao.data.tokenizer import train_tokenizer
+from lingmao import LingmaoError, load_model
 from lingmao.export import LingmaoModel
-from lingmao.model import ModelConfig, build_model
 from lingmao.verse.checker import check
 from lingmao.verse.forms import FORMS
 from lingmao.verse.han import is_han
 from lingmao.verse.modern import RHYME_CLASSES, rhyme_class
+from tests.conftest import FORMS_FAST_FIRST, run_module, tiny_export
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-CORPUS = Path(__file__).resolve().parent.parent / "lingmao" / "corpus" / "poetry_sample" / "train.jsonl"
-MODEL_CFG = dict(d_model=32, nhead=2, num_layers=1, dim_feedforward=64, dropout=0.0, max_len=128)
 ACROSTIC = "春夏秋冬風花雪月"
 
 
-def export_tiny(directory: Path, texts: list[str] | None = None, **data_cfg) -> Path:
-    texts = texts if texts is not None else list(itertools.islice(iter_documents(CORPUS), 300))
-    tok = train_tokenizer(texts)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="design", **MODEL_CFG), tok.get_vocab_size())
-    data = {"context_length": 64, "text_key": "text", "template": None, "convert": "none", **data_cfg}
-    return export_model(directory, model, tok, MODEL_CFG, data)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_tiny(tmp_path_factory.mktemp("gen") / "model")
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +39,7 @@ def independent_layout_check(text: str, form: str) -> None:
     assert re.fullmatch("\n".join([couplet] * (lines // 2)), text), text
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", FORMS_FAST_FIRST)
 def test_forms_are_always_well_formed(lm, form):
     poems = lm.generate("", form=form, num_samples=100, seed=0, temperature=1.0, top_p=1.0)
     assert len(poems) == 100
@@ -67,7 +48,7 @@ def test_forms_are_always_well_formed(lm, form):
         independent_layout_check(poem, form)
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", FORMS_FAST_FIRST)
 def test_acrostic_and_modern_rhyme(lm, form):
     chars, lines = FORMS[form]
     acrostic = ACROSTIC[:lines]
@@ -116,7 +97,7 @@ def test_form_errors(lm, tmp_path):
         lm.generate(form="sonnet")
     with pytest.raises(LingmaoError, match="temperature"):
         lm.generate(temperature=-1)
-    bare = load_model(export_tiny(tmp_path / "bare", ["春夏秋冬", "風花雪月"]))
+    bare = load_model(tiny_export(tmp_path / "bare", texts=["春夏秋冬", "風花雪月"]))
     with pytest.raises(LingmaoError, match="no '，'"):
         bare.generate(form="wujue")
 
@@ -144,7 +125,7 @@ def test_stream_and_context_crop(lm):
 
 def test_convert_and_title(tmp_path, caplog):
     # A model trained on traditional text accepts simplified input when its config says s2t.
-    lm = load_model(export_tiny(tmp_path / "s2t", convert="s2t"))
+    lm = load_model(tiny_export(tmp_path / "s2t", convert="s2t"))
     poem = lm.generate(form="wujue", acrostic="东风", seed=0)[0]
     assert poem[0] == "東" and poem.split("，")[1].startswith("風")
     with caplog.at_level(logging.WARNING):
@@ -153,7 +134,7 @@ def test_convert_and_title(tmp_path, caplog):
 
     from lingmao.sampling import _title_prefix
 
-    titled = load_model(export_tiny(tmp_path / "titled", template="{title}\n{text}"))
+    titled = load_model(tiny_export(tmp_path / "titled", template="{title}\n{text}"))
     ids = _title_prefix(titled.tokenizer, "帝京", "{title}\n{text}", lambda s: s)
     assert titled.tokenizer.decode(ids) == "帝京\n"
     assert check(titled.generate(form="wujue", title="帝京", seed=0)[0], "wujue").format_ok
@@ -162,7 +143,7 @@ def test_convert_and_title(tmp_path, caplog):
 def test_from_checkpoint(lm, model_dir, tmp_path):
     from lingmao.module import LingmaoLM
 
-    module = LingmaoLM(model=dict(MODEL_CFG, arch="design"), optim={}, vocab_size=lm.model.vocab_size, pad_id=0)
+    module = LingmaoLM(model=dict(lm.config["model"]), optim={}, vocab_size=lm.model.vocab_size, pad_id=0)
     module.model.load_state_dict(lm.model.state_dict())
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -176,19 +157,13 @@ def test_from_checkpoint(lm, model_dir, tmp_path):
     assert loaded.generate("秦川", **kwargs) == lm.generate("秦川", **kwargs)
 
 
-def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
+@pytest.mark.slow
 def test_cli(model_dir, tmp_path):
-    ok = run_cli("lingmao.generate", f"model_dir={model_dir}", "prompt=秦川雄帝宅", "max_new_tokens=10", "seed=1",
+    ok = run_module("lingmao.generate", f"model_dir={model_dir}", "prompt=秦川雄帝宅", "max_new_tokens=10", "seed=1",
                  cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("秦川雄帝宅") and 5 < len(ok.stdout.strip()) <= 15
-    bad = run_cli("lingmao.generate", "prompt=秦川", cwd=tmp_path)
+    bad = run_module("lingmao.generate", "prompt=秦川", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
     assert "model_dir" in bad.stderr

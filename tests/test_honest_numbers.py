@@ -15,7 +15,7 @@ import torch
 import lingmao.train as train_mod
 from lingmao.config import compose_config, validate
 from lingmao.errors import LingmaoError
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, train_with
 
 
 class LearningRates(L.Callback):
@@ -31,9 +31,7 @@ class LearningRates(L.Callback):
 
 def run(monkeypatch, overrides: list[str]) -> LearningRates:
     recorder = LearningRates()
-    build = train_mod.instantiate_callbacks
-    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [*build(c), recorder])
-    train_mod.train(compose_config(overrides))
+    train_with(monkeypatch, compose_config(overrides), recorder, first=False)
     return recorder
 
 
@@ -45,6 +43,7 @@ def cosine(step: int, warmup: int, total: float, lr: float, floor: float = 0.1) 
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * q)))
 
 
+@pytest.mark.slow
 def test_resume_follows_the_schedule_of_its_own_command(small_corpus, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="lingmao")
     train, test = small_corpus
@@ -64,6 +63,7 @@ def test_resume_follows_the_schedule_of_its_own_command(small_corpus, tmp_path, 
     assert "trainer.max_steps 30 -> 60" in caplog.text and "optim.lr 0.001 -> 0.002" in caplog.text
 
 
+@pytest.mark.slow
 def test_muon_groups_follow_their_own_curves_and_resume(small_corpus, tmp_path, monkeypatch, caplog):
     """The app's default optimizer: AdamW's groups on optim.*, Muon's on optim.muon.*; a resume at another
     Muon rate follows it from the resumed step on."""
@@ -85,6 +85,7 @@ def test_muon_groups_follow_their_own_curves_and_resume(small_corpus, tmp_path, 
     assert "optim.muon.lr 0.02 -> 0.01" in caplog.text
 
 
+@pytest.mark.slow
 def test_an_epoch_limited_schedule_follows_epochs_when_night_changes_the_steps(small_corpus, tmp_path, monkeypatch):
     """Night halves the batch in epoch 1 (twice the steps); the rate still reaches each epoch's point of the curve."""
     train, test = small_corpus
@@ -102,6 +103,7 @@ def test_an_epoch_limited_schedule_follows_epochs_when_night_changes_the_steps(s
         assert lr == pytest.approx(expected, rel=1e-6), (epoch, lr, expected)
 
 
+@pytest.mark.slow
 def test_a_short_run_validates_at_its_end_and_says_it_learned_nothing(small_corpus, tmp_path, caplog):
     """The README's own-JSONL example shape: 50 steps, default warm-up (100) and validation interval (200)."""
     caplog.set_level(logging.INFO, logger="lingmao")
@@ -119,6 +121,7 @@ def test_a_short_run_validates_at_its_end_and_says_it_learned_nothing(small_corp
     assert len(list((run_dir / "checkpoints").glob("epoch*.ckpt"))) <= 1  # not one every few seconds
 
 
+@pytest.mark.slow
 def test_times_add_up_across_two_resumes(small_corpus, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="lingmao")
     train, test = small_corpus

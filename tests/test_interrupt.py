@@ -14,6 +14,8 @@ import torch
 
 from tests.conftest import tiny_overrides
 
+pytestmark = pytest.mark.slow
+
 
 def start(tmp_path: Path, corpus, *extra: str) -> subprocess.Popen:
     train, test = corpus

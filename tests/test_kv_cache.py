@@ -11,14 +11,6 @@ VOCAB, EOS = 60, 3
 PROMPT = [2, 10, 11, 12, 13]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)

@@ -20,15 +20,6 @@ from lingmao.model import (
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine a second thread costs many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(**kw) -> ModelConfig:
     args = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.0, max_len=64)
     args.update(kw)

@@ -6,7 +6,6 @@ import csv
 import io
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from lingmao.loggers import AppendingCSVLogger, LoggerConfig, build_loggers
 from lingmao.model import ModelConfig, build_model
 from lingmao.plot import read_metrics
 from lingmao.report import config_tree, format_table
-from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
+from tests.conftest import run_module
 from tests.test_plot import assert_real_png
 
 TRAIN_COLUMNS = {"train/loss", "train/ppl", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec", "session"}
@@ -118,27 +117,14 @@ def test_config_tree_and_table():
 # ----------------------------------------------------------------------------------------------
 # One short real run (and its resumption)
 # ----------------------------------------------------------------------------------------------
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lingmao.train", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("monitoring")
-    train = cut_corpus(SAMPLE / "train.jsonl", tmp / "train.jsonl", 400)
-    test = cut_corpus(SAMPLE / "test.jsonl", tmp / "test.jsonl", 60)
-    args = [
-        *tiny_overrides(tmp, train, test, steps=30), "run_name=mon", "trainer.log_every_n_steps=5",
-        "trainer.enable_progress_bar=true", "logger.progress_every_n_steps=10", "model_save_dir=null",
-        "show_samples=true",
-    ]
-    proc = run_train(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp / "outputs" / "runs" / "mon"
-    first_rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return proc, run_dir, first_rows, args
+def short_run(trained_run):
+    """The session's shared run of the app (tests/conftest.py): its output, folder and first metrics."""
+    first_rows = list(csv.DictReader(open(trained_run.run_dir / "metrics.csv")))
+    return trained_run.proc, trained_run.run_dir, first_rows, trained_run
 
 
+@pytest.mark.slow
 def test_metrics_csv_has_every_column(short_run):
     _, run_dir, rows, _ = short_run
     columns = set(rows[0])
@@ -160,11 +146,13 @@ def test_metrics_csv_has_every_column(short_run):
         assert float(r["val/ppl"]) == pytest.approx(math.exp(float(r["val/loss"])), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_plot_is_a_real_image(short_run):
     _, run_dir, _, _ = short_run
     assert_real_png(run_dir / "plots" / "training.png")
 
 
+@pytest.mark.slow
 def test_output_is_quiet_lines_config_tree_and_summary(short_run):
     proc, run_dir, _, _ = short_run
     out = proc.stdout + proc.stderr
@@ -189,9 +177,12 @@ def test_output_is_quiet_lines_config_tree_and_summary(short_run):
     assert re.search(f"a 七绝 from this model.*\n({han}{{7}}，{han}{{7}}。\n){{2}}", out), out[-2000:]
 
 
-def test_resumed_run_appends_to_metrics_csv(short_run):
-    _, run_dir, first_rows, args = short_run
-    proc = run_train(*[a for a in args if not a.startswith("trainer.max_steps")], "trainer.max_steps=40")
+@pytest.mark.slow
+def test_resumed_run_appends_to_metrics_csv(short_run, tmp_path):
+    _, _, first_rows, shared = short_run
+    run_dir, args = shared.copy(tmp_path)
+    proc = run_module("lingmao.train", *[a for a in args if not a.startswith("trainer.max_steps")],
+                      "trainer.max_steps=40")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert rows[: len(first_rows)] == first_rows  # the first session's rows are still there

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,13 @@ from lingmao.callbacks.night import NightConfig
 from lingmao.config import PathsConfig, TrainerConfig, compose_config
 from lingmao.hardware import DDPConfig, FSDPConfig, HardwareConfig
 from lingmao.loggers import LoggerConfig
-from tests.conftest import tiny_overrides
+from tests.conftest import run_module, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_app(app: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"lingmao.{app}", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return run_module(f"lingmao.{app}", *args, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.parametrize(("given", "expected"), [
@@ -98,6 +96,7 @@ def test_keys_that_change_training_name_the_run(override):
     assert names.trains_differently(override)
 
 
+@pytest.mark.slow
 def test_the_entry_point_keeps_the_name_when_only_the_machine_changes(tmp_path):
     proc = run_app("train", "hardware.cpu_threads=1", "night.now=12:00", "trainer.max_steps=900",
                    f"paths.output_dir={tmp_path}", "--cfg", "job", "--resolve")
@@ -105,6 +104,7 @@ def test_the_entry_point_keeps_the_name_when_only_the_machine_changes(tmp_path):
     assert yaml.safe_load(proc.stdout)["paths"]["run_dir"] == f"{tmp_path}/runs/default"
 
 
+@pytest.mark.slow
 def test_a_run_dir_from_data_file_overrides_works_as_model_dir_unquoted(small_corpus, tmp_path):
     train, test = small_corpus
     mine = tmp_path / "my corpus" / "mine_train.jsonl"
@@ -120,6 +120,7 @@ def test_a_run_dir_from_data_file_overrides_works_as_model_dir_unquoted(small_co
     assert len(gen.stdout.strip().splitlines()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("app", ["generate", "evaluate", "train"])
 def test_a_bad_override_is_one_line_and_exit_2_in_every_app(app):
     proc = run_app(app, "model_dir=a=b,c")

@@ -6,8 +6,6 @@ import csv
 import datetime as dt
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +14,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import lingmao.train as train_mod
 from lingmao.callbacks import instantiate_callbacks
 from lingmao.callbacks.night import (
     NightConfig,
@@ -32,7 +29,7 @@ from lingmao.callbacks.night import (
 )
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
-from tests.conftest import tiny_overrides
+from tests.conftest import run_module, tiny_overrides, train_with
 
 T = dt.time
 
@@ -175,6 +172,7 @@ def _rank_reads_clock(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_processes_follow_rank_zero_clock(tmp_path):
     """Two real processes whose clocks disagree take rank 0's time, so their batch counts cannot differ."""
     import socket
@@ -229,12 +227,15 @@ def restore_threads():
         os.sched_setaffinity(0, cpus)
 
 
-def night_cfg(tmp_path: Path, small_corpus, *extra: str, steps: int = 6):
+def night_cfg(tmp_path: Path, small_corpus, *extra: str, steps: int = 6, tuner: bool = False):
+    """A tiny run with night mode; two fixed threads by day, or the thread tuner's choice with `tuner`."""
     train, test = small_corpus
-    base = [o for o in tiny_overrides(tmp_path, train, test, steps=steps) if o != "night=off"]
+    base = [o for o in tiny_overrides(tmp_path, train, test, steps=steps)
+            if o != "night=off" and not o.startswith("hardware.cpu_threads")]
     group = [] if any(e.startswith("night=") for e in extra) else ["night=default"]
     overrides = [
-        *base, *group, "hardware.cpu_threads=2", "run_test=false", "export=false", "checkpoint_every=0",
+        *base, *group, f"hardware.cpu_threads={'null' if tuner else 2}", "run_test=false", "export=false",
+        "checkpoint_every=0",
         "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "optim.warmup_steps=0",
         "optim.min_lr_ratio=1.0", "show_samples=false", *extra,
     ]
@@ -243,9 +244,7 @@ def night_cfg(tmp_path: Path, small_corpus, *extra: str, steps: int = 6):
 
 def run_recorded(cfg, monkeypatch) -> Recorder:
     recorder = Recorder()
-    build = train_mod.instantiate_callbacks
-    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [*build(c), recorder])
-    train_mod.train(cfg)
+    train_with(monkeypatch, cfg, recorder, first=False)
     return recorder
 
 
@@ -256,6 +255,7 @@ def half_cpus() -> int | None:
     return max(1, n // 2) if n > 1 else n
 
 
+@pytest.mark.slow
 def test_night_and_day_runs(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     caplog.set_level(logging.INFO, logger="lingmao")
     rec = run_recorded(night_cfg(tmp_path / "n", small_corpus, "night.now=23:30"), monkeypatch)
@@ -276,6 +276,7 @@ def test_night_and_day_runs(small_corpus, tmp_path, monkeypatch, caplog, restore
     assert "clock 12:00: day" in caplog.text
 
 
+@pytest.mark.slow
 def test_flip_at_epoch_boundaries(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     """21:59 at epoch 0, 22:00 at epoch 1, 07:00 at epoch 2: night mode enters and leaves during the run."""
     caplog.set_level(logging.INFO, logger="lingmao")
@@ -296,6 +297,7 @@ def test_flip_at_epoch_boundaries(small_corpus, tmp_path, monkeypatch, caplog, r
     assert [night[s] for s in sorted(night)] == [0.0] * 3 + [1.0] * 3 + [0.0] * 3
 
 
+@pytest.mark.slow
 def test_step_checks_move_only_the_limits(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     caplog.set_level(logging.INFO, logger="lingmao")
     cfg = night_cfg(tmp_path, small_corpus, "night.now=[21:00,21:00,23:00]", "night.check_every_n_steps=2", steps=6)
@@ -305,6 +307,7 @@ def test_step_checks_move_only_the_limits(small_corpus, tmp_path, monkeypatch, c
     assert "night mode limits on (23:00): threads 2->1" in caplog.text
 
 
+@pytest.mark.slow
 def test_limits_lifted_when_the_run_fails(small_corpus, tmp_path, monkeypatch, restore_threads):
     class Boom(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -312,15 +315,14 @@ def test_limits_lifted_when_the_run_fails(small_corpus, tmp_path, monkeypatch, r
                 assert torch.get_num_threads() == 1  # night mode holds until the failure
                 raise RuntimeError("boom")
 
-    build = train_mod.instantiate_callbacks
-    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [*build(c), Boom()])
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     with pytest.raises(RuntimeError, match="boom"):
-        train_mod.train(night_cfg(tmp_path, small_corpus, "night.now=23:30"))
+        train_with(monkeypatch, night_cfg(tmp_path, small_corpus, "night.now=23:30"), Boom(), first=False)
     assert torch.get_num_threads() == 2
     assert cpus is None or os.sched_getaffinity(0) == cpus
 
 
+@pytest.mark.slow
 def test_keep_effective_batch_doubles_accumulation(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     caplog.set_level(logging.INFO, logger="lingmao")
     cfg = night_cfg(tmp_path, small_corpus, "night.now=23:30", "night.keep_effective_batch=true", steps=3)
@@ -331,6 +333,7 @@ def test_keep_effective_batch_doubles_accumulation(small_corpus, tmp_path, monke
     assert "samples/step 8->8" in caplog.text
 
 
+@pytest.mark.slow
 def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_path, monkeypatch, restore_threads):
     common = ("run_name=resume", "checkpoint_every_n_steps=2")
     rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=23:30", *common, steps=4), monkeypatch)
@@ -347,14 +350,32 @@ def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_
     assert {(r["step"], r["lr_scale"]) for r in rec.rows} == {(6, 1.0), (7, 1.0)}
 
 
+@pytest.mark.slow
 def test_command_line(small_corpus, tmp_path):
     """The command of the README: `night.now=23:30` logs the switch with halved batch, scaled lr, halved threads."""
     train, test = small_corpus
     args = [o for o in tiny_overrides(tmp_path, train, test, steps=4) if o != "night=off"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lingmao.train", *args, "night.now=23:30", "hardware.cpu_threads=2", "run_test=false",
-         "export=false"],
-        capture_output=True, text=True, timeout=240,
-    )
+    proc = run_module("lingmao.train", *args, "night.now=23:30", "hardware.cpu_threads=2", "run_test=false",
+                      "export=false", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "night mode on (23:30): batch 8->4, lr x0.75, threads 2->1" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_thread_tuner_keeps_out_of_the_night(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
+    """The thread tuner (hardware.cpu_threads=null) and night mode in one run: the tuner is trying thread
+    counts when night mode begins, and every night step still runs on the night's one thread and half the
+    cores; by day the tuner chooses again, over all the cores."""
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != 2:
+        pytest.skip("written for two cores: one thread by night, one or two by day")
+    torch.set_num_threads(2)
+    caplog.set_level(logging.INFO, logger="lingmao")
+    cfg = night_cfg(tmp_path, small_corpus, "night.now=[21:59,22:00,07:00]", "++trainer.limit_train_batches=5",
+                    "trainer.max_epochs=3", "callbacks.thread_tuner.recheck_minutes=0",
+                    "callbacks.thread_tuner.steps_per_trial=2", steps=100, tuner=True)
+    rec = run_recorded(cfg, monkeypatch)
+    threads = rec.per_epoch("threads")
+    assert threads[0] == {1, 2}, "by day the tuner tries both counts"  # a round is under way at the switch
+    assert threads[1] == {1} and rec.per_epoch("cpus")[1] == {1}, rec.rows
+    assert rec.per_epoch("cpus")[2] == {2} and threads[2] <= {1, 2}
+    assert "CPU threads:" in caplog.text  # a round finished by day

@@ -66,6 +66,7 @@ def test_resumed_run_rows_replace_the_repeated_steps(tmp_path):
     assert speed[39] == 1039 and speed[44] == 7  # the resumed rows are the ones kept
 
 
+@pytest.mark.slow
 def test_one_run_draws_a_real_png(tmp_path):
     write_metrics(tmp_path / "run", range(4, 300, 5), night=set(range(100, 180)))
     out = plot.plot_runs([tmp_path / "run"])
@@ -73,6 +74,7 @@ def test_one_run_draws_a_real_png(tmp_path):
     assert_real_png(out)
 
 
+@pytest.mark.slow
 def test_sweep_cli_one_figure_with_labels_from_overrides(tmp_path, capsys):
     a = tmp_path / "model-tiny__optim.lr-0.001"
     b = tmp_path / "model-tiny__optim.lr-0.003"
@@ -85,6 +87,7 @@ def test_sweep_cli_one_figure_with_labels_from_overrides(tmp_path, capsys):
     assert_real_png(out)
 
 
+@pytest.mark.slow
 def test_a_comparison_goes_under_the_output_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
@@ -97,6 +100,7 @@ def test_a_comparison_goes_under_the_output_folder(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "sweep.png").exists()
 
 
+@pytest.mark.slow
 def test_resumes_are_read_from_the_session_column(tmp_path):
     write_metrics(tmp_path / "r", range(5, 60, 5))
     path = tmp_path / "r" / "metrics.csv"
@@ -117,6 +121,7 @@ def test_cli_missing_run_is_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "metrics.csv" in err[0]
 
 
+@pytest.mark.slow
 def test_no_validation_yet_still_draws(tmp_path):
     write_metrics(tmp_path / "r", range(4, 15, 5))  # no validation row yet
     assert_real_png(plot.plot_runs([tmp_path / "r"]), min_size=(800, 500))

@@ -44,6 +44,7 @@ def read_or_user_error(data: bytes, suffix: str = ".jsonl", **options) -> list[s
         return exc
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=400))
 @example(b"[" * 100_000)  # nesting deeper than the JSON parser's recursion limit
@@ -58,6 +59,7 @@ def test_random_bytes_yield_text_or_lingmao_error(data: bytes) -> None:
     assert isinstance(result, list)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=300), st.booleans())
 def test_random_gzip_yields_text_or_lingmao_error(data: bytes, compress: bool) -> None:
@@ -66,6 +68,7 @@ def test_random_gzip_yields_text_or_lingmao_error(data: bytes, compress: bool) -
     read_or_user_error(blob[: max(1, len(blob) // 2)], ".jsonl.gz")  # truncated
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(records | json_values, max_size=6), st.sampled_from([None, "{title}\n{text}", "{x[0]}", "{text.y}"]))
 def test_random_json_lines(lines: list, template: str | None) -> None:
@@ -91,6 +94,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 def test_long_single_line_is_read(tmp_path: Path, suffix: str) -> None:
     """A 100 MB line (one huge document) is read, not refused."""

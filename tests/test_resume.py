@@ -3,8 +3,6 @@ resuming into another model stops with a message that lists the differences."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import lightning as L
@@ -15,23 +13,20 @@ import lingmao.train as train_mod
 from lingmao.checkpointing import TrainingInterrupted
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
-from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
+from tests.conftest import SAMPLE, SignalAt, cut_corpus, tiny_overrides, train_with
 
 TOTAL_STEPS = 14
 
 
 class Recorder(L.Callback):
-    """Per optimizer step: (step, epoch, first tokens of the batch, loss); optionally SIGTERM itself at a step."""
+    """Per optimizer step: (step, epoch, first tokens of the batch, loss)."""
 
-    def __init__(self, rows: list, stop_at: int | None = None) -> None:
+    def __init__(self, rows: list) -> None:
         self.rows = rows
-        self.stop_at = stop_at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         x, _ = batch
         self.rows.append((trainer.global_step, trainer.current_epoch, tuple(x[:, 0].tolist()), float(outputs["loss"])))
-        if trainer.global_step == self.stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +47,9 @@ def make_cfg(tmp_path: Path, corpus, *extra: str):
 
 
 def run(monkeypatch, cfg, stop_at: int | None = None) -> list:
+    """The rows of a run of `cfg`, stopped by SIGTERM at optimizer step `stop_at` if given."""
     rows: list = []
-    original = train_mod.instantiate_callbacks
-    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [Recorder(rows, stop_at), *original(c)])
-    train_mod.train(cfg)
+    train_with(monkeypatch, cfg, Recorder(rows), SignalAt(stop_at))
     return rows
 
 
@@ -72,6 +66,7 @@ def steps_per_epoch(rows: list) -> int:
     return next(step for step, epoch, *_ in rows if epoch == 1) - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["mid_epoch", "last_batch_of_epoch"])
 def test_stopped_and_resumed_run_equals_uninterrupted(monkeypatch, tmp_path, corpus, reference, where):
     per_epoch = steps_per_epoch(reference)
@@ -96,6 +91,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(monkeypatch, tmp_path, cor
     assert len(head) == stop
 
 
+@pytest.mark.slow
 def test_resume_into_another_model_lists_the_differences(monkeypatch, tmp_path, corpus):
     cfg = make_cfg(tmp_path, corpus, "run_name=shape", "trainer.max_steps=2")
     run(monkeypatch, cfg)
@@ -107,6 +103,7 @@ def test_resume_into_another_model_lists_the_differences(monkeypatch, tmp_path, 
     assert "auto_resume=false" in msg and "last.ckpt" in msg and "\n" not in msg
 
 
+@pytest.mark.slow
 def test_crash_saves_a_crash_checkpoint_and_reraises(monkeypatch, tmp_path, corpus, capsys):
     from lingmao.module import LingmaoLM
 

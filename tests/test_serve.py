@@ -6,25 +6,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
-from lingmao import LingmaoError, export_model, load_model
-from lingmao.data import iter_documents
-from lingmao.data.tokenizer import train_tokenizer
+from lingmao import LingmaoError, load_model
 from lingmao.export import LingmaoModel
-from lingmao.model import ModelConfig, build_model
 from lingmao.verse import pingshui
-from tests.conftest import SAMPLE
+from tests.conftest import run_module
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="FastAPI's test client needs httpx: pip install httpx")
@@ -34,42 +28,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lingmao.serve.app import create_app  # noqa: E402
 from lingmao.serve.limits import Limits  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 HAN = "[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U000323af]"
 LIMITS = Limits(max_new_tokens=64, time_s=30, max_prompt_chars=200, max_samples=4, max_concurrent=2)
 
 
-def export_serve_model(directory: Path, steps: int = 0) -> Path:
-    """A tiny gpt model (KV cache) with a tokenizer of 300 poems of the bundled sample; `steps` > 0 trains it
-    that many steps on them with a plain torch loop (so its verse reads like verse), 0 leaves it untrained."""
-    texts = list(itertools.islice(iter_documents(SAMPLE / "train.jsonl"), 300 if not steps else None))
-    tok = train_tokenizer(texts)
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=64 if steps else 32, nhead=2, num_layers=2 if steps else 1,
-                      dim_feedforward=256 if steps else 64, max_len=128)
-    model = build_model(cfg, tok.get_vocab_size())
-    if steps:
-        ids = [i for t in texts for i in [1, *tok.encode(t, add_special_tokens=False).ids, 2]]
-        stream, window = torch.tensor(ids), 64
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(stream) - window - 1, (16,))
-            x = torch.stack([stream[s : s + window] for s in starts])
-            y = torch.stack([stream[s + 1 : s + window + 1] for s in starts])
-            loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, model.vocab_size), y.reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
-    data = {"context_length": 64, "text_key": "text", "template": None, "convert": "none"}
-    return export_model(directory, model, tok, dataclasses.asdict(cfg), data)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_serve_model(tmp_path_factory.mktemp("serve") / "model")
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +262,10 @@ def run_serve(*args: str, blocked: str = "", cwd: Path) -> subprocess.CompletedP
     """`python -m lingmao.serve ARGS`, with module `blocked` made unimportable (as if not installed)."""
     code = (f"import sys, runpy; sys.modules[{blocked!r}] = None; " if blocked else "import sys, runpy; ")
     code += f"sys.argv = ['lingmao.serve', *{list(args)!r}]; runpy.run_module('lingmao.serve', run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_module("-c", code, cwd=cwd, timeout=60, env={"OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_without_the_extra_says_what_to_install(model_dir, tmp_path):
     blocked = "fastapi"
     result = run_serve(f"model_dir={model_dir}", blocked=blocked, cwd=tmp_path)

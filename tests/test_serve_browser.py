@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from lingmao import load_model
+from tests.conftest import kill_session, start_module
+
+pytestmark = pytest.mark.slow
 
 # CI installs the browser and its driver (.ci/run): there a missing one fails the test instead of skipping it.
 if not os.environ.get("CI"):
@@ -32,22 +33,16 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory) -> Path:
-    if os.environ.get("LINGMAO_SERVE_MODEL"):
-        return Path(os.environ["LINGMAO_SERVE_MODEL"])
-    from tests.test_serve import export_serve_model
-
-    return export_serve_model(tmp_path_factory.mktemp("browser") / "model")
+def served_model(tiny_model_dir) -> Path:
+    return Path(os.environ["LINGMAO_SERVE_MODEL"]) if os.environ.get("LINGMAO_SERVE_MODEL") else tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
     """The app as a user runs it, on a free port (port=0; the URL is read from its log)."""
     cwd = tmp_path_factory.mktemp("serve-cwd")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lingmao.serve", f"model_dir={served_model}", "port=0", "device=cpu"],
-        cwd=cwd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    process = start_module("lingmao.serve", f"model_dir={served_model}", "port=0", "device=cpu", cwd=cwd,
+                           env={"OMP_NUM_THREADS": "1"}, stdout=None)
     log: list[str] = []
     found = threading.Event()
 
@@ -66,7 +61,10 @@ def server(served_model, tmp_path_factory):
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        finally:
+            kill_session(process)
 
 
 @pytest.fixture(scope="module")

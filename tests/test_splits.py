@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from lingmao.config import CONF_DIR
 from lingmao.data import LMDataModule, iter_documents
 from lingmao.errors import LingmaoError
-from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
+from tests.conftest import SAMPLE, cut_corpus, run_module, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,16 +82,15 @@ print(json.dumps(dm.val_set.tokens(0, dm.val_set.num_tokens).tolist()))
 """
 
 
+@pytest.mark.slow
 def test_the_validation_split_is_the_same_in_every_run(tmp_path):
     corpus_with_repeats(tmp_path / "train.jsonl")
     here = datamodule(tmp_path / "train.jsonl", tmp_path, val_fraction=0.2)
     # Another interpreter, with another string hashing and its own caches, chooses the same documents.
     seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
-    out = subprocess.run(
-        [sys.executable, "-c", SPLIT_SCRIPT, str(tmp_path / "train.jsonl"), str(tmp_path / "tok.json"),
-         str(tmp_path / "other_cache")], env={**os.environ, "PYTHONHASHSEED": seed}, cwd=ROOT, capture_output=True,
-        text=True, check=True,
-    )
+    out = run_module("-c", SPLIT_SCRIPT, str(tmp_path / "train.jsonl"), str(tmp_path / "tok.json"),
+                     str(tmp_path / "other_cache"), env={"PYTHONHASHSEED": seed}, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
     there = json.loads(out.stdout.strip().splitlines()[-1])
     assert there == stream(here, "val") and len(there) > 100
 
@@ -132,7 +130,8 @@ def _record_opens(event: str, args: tuple) -> None:
 sys.addaudithook(_record_opens)  # audit hooks cannot be removed: it records only while _opened is a list
 
 
-def test_fit_never_opens_the_test_file(small_corpus, tmp_path, monkeypatch, one_thread):
+@pytest.mark.slow
+def test_fit_never_opens_the_test_file(small_corpus, tmp_path, monkeypatch):
     global _opened
     import lightning as L
 

@@ -6,22 +6,22 @@ import csv
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from lingmao.sweep import FINISHED_FILE, finished_result, mark_finished, write_summary
-from tests.conftest import tiny_overrides
+from tests.conftest import run_module, tiny_overrides
+
+pytestmark = pytest.mark.slow
 
 
 def _multirun(tmp_path: Path, train: Path, test: Path, sweep_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lingmao.train", "-m", *tiny_overrides(tmp_path, train, test, steps=6),
-         "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "run_test=false", "logger.plots=false",
-         "logger.print_config=false", "checkpoint_every=0", "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep_dir}"],
-        capture_output=True, text=True, timeout=300,
+    return run_module(
+        "lingmao.train", "-m", *tiny_overrides(tmp_path, train, test, steps=6), "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2", "run_test=false", "logger.plots=false", "logger.print_config=false",
+        "checkpoint_every=0", "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep_dir}",
     )
 
 

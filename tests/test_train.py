@@ -1,31 +1,20 @@
 """End-to-end: `python -m lingmao.train` on a cut of the corpus writes a checkpoint and an export that loads back."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lingmao import load_model
-from tests.conftest import tiny_overrides
+from tests.conftest import run_module
+
+pytestmark = pytest.mark.slow
 
 
-def run_train(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lingmao.train", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def test_train_checkpoint_export_reload(small_corpus, tmp_path):
-    train, test = small_corpus
-    export_dir = tmp_path / "export"
-    proc = run_train(*tiny_overrides(tmp_path, train, test, steps=30), "run_name=e2e", f"model_save_dir={export_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "outputs" / "runs" / "e2e"
+def test_train_checkpoint_export_reload(trained_run):
+    run_dir, export_dir = trained_run.run_dir, trained_run.export_dir
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 30
-    assert "unigram baseline" in proc.stderr + proc.stdout
+    assert "unigram baseline" in trained_run.output
 
     loaded = load_model(export_dir)
     assert loaded.config["model"]["d_model"] == 32
@@ -45,7 +34,7 @@ def test_train_checkpoint_export_reload(small_corpus, tmp_path):
 def test_mps_on_a_machine_without_it_is_one_line_and_exit_2(tmp_path):
     if torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    proc = run_train("hardware=mps", "model=tiny", f"paths.output_dir={tmp_path}")
+    proc = run_module("lingmao.train", "hardware=mps", "model=tiny", f"paths.output_dir={tmp_path}", timeout=240)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: hardware=mps: MPS is not available")
     assert "Traceback" not in proc.stderr

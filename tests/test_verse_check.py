@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,7 +15,7 @@ from lingmao.verse.checker import Summary, check
 from lingmao.verse.notation import tone_marks
 from lingmao.verse.shape import clauses, shape
 from lingmao.verse.tunes import find_tune, tune_named, tunes
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, run_module
 
 DENGGAO = ("風急天高猿嘯哀，渚清沙白鳥飛回。\n無邊落木蕭蕭下，不盡長江滾滾來。\n"
            "萬里悲秋常作客，百年多病獨登臺。\n艱難苦恨繁霜鬢，潦倒新停濁酒杯。")
@@ -131,18 +128,18 @@ def test_check_app_on_jsonl_and_text(tmp_path, capsys):
         run(cfg("text=春", "form=sonnet"))
 
 
+@pytest.mark.slow
 def test_check_cli(tmp_path):
     """`python -m lingmao.check` as the shell runs it, Chinese values unquoted."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "lingmao.check", f"text={DENGGAO}", "form=七律"], cwd=tmp_path, capture_output=True,
-        text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_module("lingmao.check", f"text={DENGGAO}", "form=七律", cwd=tmp_path, timeout=180,
+                      env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "七律 (qilv), 仄起首句入韵" in proc.stdout and "tones lenient ok, strict FAIL" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_verse_package_needs_neither_lightning_nor_hydra():
     modules = ", ".join(f"lingmao.verse.{m}" for m in ("checker", "forms", "notation", "tunes", "vocab", "meter"))
     code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'hydra'}}))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    proc = run_module("-c", code, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

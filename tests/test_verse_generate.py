@@ -1,6 +1,6 @@
 """Verse by construction: constrained samples of a small trained model follow tones, rhymes and ci templates.
 
-The model is trained here for a few dozen steps (`train_tiny_model`, the one place that builds it). Each
+The model is trained for a few dozen steps (`verse_lm` in tests/conftest.py, built once per session). Each
 verdict is confirmed by checks written independently of the decoding code: tones against the pattern strings,
 rhymes through the Pingshui table, ci layouts from the tune table's JSON.
 """
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from lingmao import LingmaoError, export_model
-from lingmao.data import iter_documents
-from lingmao.data.tokenizer import special_ids, train_tokenizer
+from lingmao.data.tokenizer import train_tokenizer
 from lingmao.evaluate import distinct_n, evaluate_verse
 from lingmao.export import LingmaoModel
 from lingmao.model import ModelConfig, build_model
@@ -26,45 +25,14 @@ from lingmao.verse.forms import FORMS, FormConstraint
 from lingmao.verse.han import is_han
 from lingmao.verse.pingshui import PING, ZE
 from lingmao.verse.tunes import TUNES_FILE
-from tests.conftest import SAMPLE
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tests.conftest import FORMS_FAST_FIRST
 
 TUNES = ["浣溪沙", "菩萨蛮", "西江月", "如梦令", "清平乐"]
 
 
-def train_tiny_model(steps: int = 40, seed: int = 0) -> LingmaoModel:
-    """A tiny LM trained with a plain torch loop on every 4th poem of the bundled sample (Tang shi and Song ci).
-
-    Characters seen fewer than 5 times are left out of the vocabulary and the model sees the last 24 tokens
-    when sampling: that keeps 100-sample batches cheap on a CPU, and the constraints are the same.
-    """
-    texts = list(itertools.islice(iter_documents(SAMPLE / "train.jsonl"), 0, None, 4))
-    tok = train_tokenizer(texts, min_frequency=5)
-    ids = special_ids(tok)
-    stream = torch.tensor(
-        [i for t in texts for i in [ids["bos"], *tok.encode(t, add_special_tokens=False).ids, ids["eos"]]]
-    )
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(d_model=64, nhead=2, num_layers=2, dim_feedforward=128), tok.get_vocab_size())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    window, batch = 64, 16
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(stream) - window - 1, (batch,))
-        x = torch.stack([stream[s : s + window] for s in starts])
-        y = torch.stack([stream[s + 1 : s + window + 1] for s in starts])
-        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, model.vocab_size), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return LingmaoModel(model, tok, {"data": {"context_length": 24}})
-
-
 @pytest.fixture(scope="module")
-def lm() -> LingmaoModel:
-    return train_tiny_model()
+def lm(verse_lm) -> LingmaoModel:
+    return verse_lm
 
 
 def lines_of(poem: str) -> list[str]:
@@ -101,7 +69,7 @@ def assert_follows_a_pattern(poem: str, form: str, mode: str) -> None:
     ), poem
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", FORMS_FAST_FIRST)
 def test_strict_samples_score_100_percent(lm, form):
     poems = lm.generate(form=form, tones="strict", rhyme="pingshui", num_samples=100, seed=1, temperature=1.0,
                         top_p=1.0)
@@ -115,7 +83,7 @@ def test_strict_samples_score_100_percent(lm, form):
     assert len({v.pattern for v in verdicts}) > 1 and len({v.rhyme_class[0] for v in verdicts}) > 1
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", FORMS_FAST_FIRST)
 def test_lenient_samples_pass_lenient_checking(lm, form):
     poems = lm.generate(form=form, num_samples=50, seed=2, temperature=1.0, top_p=1.0)  # the defaults
     for poem in poems:
@@ -214,6 +182,7 @@ def test_a_vocabulary_without_level_characters_is_an_error_before_sampling():
 POLICIES = ("uniform", "oblique_first")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lenient", "strict"])
 def test_no_dead_end_whatever_is_chosen(lm, mode):
     """Walk the masks alone, uniformly or adversarially (always a 仄-only character when one is allowed, to
