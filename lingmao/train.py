@@ -17,7 +17,7 @@ from lingmao import cli, config, distributed, report, sweep
 from lingmao.callbacks import instantiate_callbacks
 from lingmao.callbacks.monitoring import TrainingMonitor
 from lingmao.checkpointing import AtomicCheckpointIO, TrainingInterrupted, interrupts_exit_cleanly, resume_point
-from lingmao.data import build_datamodule
+from lingmao.data import LMDataModule
 from lingmao.errors import exit_on_user_error
 from lingmao.evaluate import test_result
 from lingmao.export import export_model
@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if (done := sweep.finished_result(run_dir, cfg)) is not None:
         return TrainResult(run_dir, done.global_step, done.best_val_loss, done.last_val_loss, finished_before=True)
 
-    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=accelerator == "cuda")
+    dm = LMDataModule(conf.data, conf.paths.cache_dir, pin_memory=accelerator == "cuda", seed=conf.seed)
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     schedule = {"max_steps": conf.trainer.max_steps, "max_epochs": conf.trainer.max_epochs}

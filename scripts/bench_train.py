@@ -52,7 +52,7 @@ from torch import nn
 
 from lingmao import config as lingmao_config
 from lingmao.callbacks.threads import usable_cores
-from lingmao.data import build_datamodule
+from lingmao.data import LMDataModule
 from lingmao.hardware import resolve_accelerator, resolve_precision
 from lingmao.model import train_flops_per_token
 from lingmao.train import train
@@ -268,7 +268,7 @@ def run_plain(conf: lingmao_config.TrainConfig, args: argparse.Namespace, warmup
     if args.threads:
         torch.set_num_threads(args.threads)
     L.seed_everything(conf.seed, verbose=False)
-    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=device.type == "cuda")
+    dm = LMDataModule(conf.data, conf.paths.cache_dir, pin_memory=device.type == "cuda", seed=conf.seed)
     vocab = dm.prepare_tokenizer().get_vocab_size()
     dm.prepare_data()
     pad = dm.special_ids["pad"]
@@ -436,7 +436,7 @@ def compare_with_plain(args: argparse.Namespace, out: Path, conf: lingmao_config
     precision = resolve_precision(conf.hardware.precision, accelerator)
     device = torch.device("cuda", 0) if accelerator == "cuda" else torch.device(accelerator)
     m, d = conf.model, conf.data
-    vocab = build_datamodule(d, conf.paths.cache_dir).prepare_tokenizer().get_vocab_size()
+    vocab = LMDataModule(d, conf.paths.cache_dir).prepare_tokenizer().get_vocab_size()
     plain = PlainGPT(vocab, m.d_model, m.nhead, m.num_layers, m.dim_feedforward, d.context_length, args.plain_dropout)
     lingmao_flops = train_flops_per_token(m, vocab, d.context_length)
     flops = {"lingmao": lingmao_flops, "plain": plain.flops_per_token(d.context_length)}
