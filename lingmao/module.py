@@ -131,6 +131,10 @@ class LingmaoLM(L.LightningModule):
                 factor = warmup_cosine(step, self.warmup_steps(warmup), total, floor, progress)
                 group["lr"] = peak * factor * self.lr_scale
 
+    def on_train_start(self) -> None:
+        # The loaders exist and night mode has chosen its batch: the steps counted are those the run will take.
+        self.fit_warmup(self.total_steps())
+
     def fit_warmup(self, planned_steps: float) -> None:
         """A warm-up longer than half the run would leave the run no time to learn at full rate: use a tenth of
         the run instead, and say so once."""

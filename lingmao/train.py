@@ -79,7 +79,6 @@ def train(cfg: DictConfig) -> TrainResult:
            "limit_val_batches": conf.trainer.limit_val_batches if dm.has_val else 0},
     )
     ckpt_path = resume_point(conf, run_dir, lm, tokenizer)
-    lm.fit_warmup(dm.planned_steps(conf.trainer, conf.optim.accumulation_steps, trainer.world_size))
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
     monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingMonitor))

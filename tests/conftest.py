@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import os
 import signal
@@ -93,3 +94,24 @@ def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None =
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class ScriptedClock:
+    """Night mode's clock in tests: `times[0]` at the first reading, `times[1]` at the second, ... and then the
+    last one for ever (["21:59", "22:00"]: day at the start, night from the first epoch boundary on)."""
+
+    def __init__(self, *times: str) -> None:
+        self.times = [dt.time.fromisoformat(t) for t in times]
+        self.readings = 0
+
+    def __call__(self) -> dt.time:
+        t = self.times[min(self.readings, len(self.times) - 1)]
+        self.readings += 1
+        return t
+
+
+def script_night_clock(monkeypatch: pytest.MonkeyPatch, *times: str) -> ScriptedClock:
+    """Make the local time that night mode reads (with `night.now` null) follow `times`."""
+    clock = ScriptedClock(*times)
+    monkeypatch.setattr("lingmao.callbacks.night.local_time", clock)
+    return clock

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -155,16 +154,6 @@ class LMDataModule(L.LightningDataModule):
         is set up."""
         ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         return ds.tokens_per_char if ds is not None else None
-
-    def planned_steps(self, trainer_cfg: Any, accumulation: int = 1, world_size: int = 1) -> float:
-        """Optimizer steps the run will take at the day batch size (max_steps, or epochs of the training set)."""
-        totals = []
-        if trainer_cfg.max_steps and trainer_cfg.max_steps > 0:
-            totals.append(float(trainer_cfg.max_steps))
-        if trainer_cfg.max_epochs and trainer_cfg.max_epochs > 0 and self.train_set is not None:
-            per_epoch = len(self.train_set) // (self.batch_size * world_size) // max(1, accumulation)
-            totals.append(float(trainer_cfg.max_epochs * per_epoch))
-        return min(totals) if totals else float("inf")
 
     # ------------------------------------------------------------------------------------------
     # Datasets
