@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 
 from lingmao.callbacks.monitoring import TrainingMonitor, precision_dtype
 from lingmao.callbacks.progress import LineProgress, TerminalProgressBar, is_terminal, progress_output
+from lingmao.compat import appending_csv_logger
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
-from lingmao.loggers import AppendingCSVLogger, LoggerConfig, build_loggers
+from lingmao.loggers import LoggerConfig, build_loggers
 from lingmao.model import ModelConfig, build_model
 from lingmao.plot import read_metrics
 from lingmao.report import config_tree, format_table
@@ -76,10 +77,10 @@ def test_terminal_bar_shows_loss_lr_speed_and_eta():
 
 
 def test_csv_logger_appends_when_a_run_resumes(tmp_path):
-    first = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first = appending_csv_logger(str(tmp_path))
     first.log_metrics({"train/loss": 3.0}, step=9)
     first.save()
-    second = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    second = appending_csv_logger(str(tmp_path))
     second.log_metrics({"train/loss": 2.0}, step=19)
     second.log_metrics({"val/loss": 2.5}, step=19)  # a new column: the header is rewritten, rows kept
     second.save()
