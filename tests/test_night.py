@@ -355,6 +355,7 @@ def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_
     assert {(r["step"], r["lr_scale"]) for r in rec.rows} == {(6, 1.0), (7, 1.0)}
 
 
+@pytest.mark.slow
 def test_warnings_count_the_steps_of_the_batch_trained(small_corpus, tmp_path, caplog, restore_threads):
     """An epoch-limited run at night trains twice the steps of half-size batches: the warm-up warning counts those."""
     caplog.set_level(logging.INFO, logger="lingmao")
