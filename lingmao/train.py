@@ -81,12 +81,13 @@ def train(cfg: DictConfig) -> TrainResult:
     ckpt_path = resume_point(conf, run_dir, lm, tokenizer)
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
-    monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingMonitor))
-    if dm.has_val and trainer.limit_val_batches and monitor.last_val_step != trainer.global_step:
+    if dm.has_val and trainer.limit_val_batches and lm.last_val_step != trainer.global_step:
         # Validation always ends a run.
         trainer.validate(lm, datamodule=dm, verbose=False)
     val_loss = trainer.callback_metrics.get("val/loss")
-    result = TrainResult(run_dir, trainer.global_step, monitor.best.get("val/loss"),
+    # The best validation is the monitor's to know; without it (~callbacks.training_monitor), only the last.
+    monitor = next((c for c in trainer.callbacks if isinstance(c, TrainingMonitor)), None)
+    result = TrainResult(run_dir, trainer.global_step, monitor.best.get("val/loss") if monitor else None,
                          float(val_loss) if val_loss is not None else None,
                          checkpoint=run_dir / "checkpoints" / "last.ckpt")
     if conf.run_test and dm.has_test:

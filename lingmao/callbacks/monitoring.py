@@ -57,7 +57,6 @@ class TrainingMonitor(L.Callback):
         self.wall_before = 0.0
         self.session = 1
         self.best: dict[str, float] = {}
-        self.last_val_step = -1  # the step of the latest validation
         # This process only.
         self.session_tokens = 0
         self.session_seconds = 0.0
@@ -211,7 +210,6 @@ class TrainingMonitor(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.last_val_step = trainer.global_step
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.latest.update(metrics)
         loss = metrics.get("val/loss")
