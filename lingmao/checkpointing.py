@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lingmao.compat import batches_completed
 from lingmao.data.tokenizer import tokenizer_fingerprint
 from lingmao.errors import LingmaoError
 from lingmao.io import atomic_write
@@ -108,8 +109,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def checkpoint_progress(checkpoint: dict[str, Any]) -> tuple[int, int] | None:
     """(global step, batches done) of a checkpoint's fit loop."""
     try:
-        batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
-        return int(checkpoint["global_step"]), int(batches)
+        return int(checkpoint["global_step"]), batches_completed(checkpoint)
     except (KeyError, TypeError):
         return None
 

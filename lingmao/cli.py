@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf.errors import ValidationError
 
 from lingmao.checks import describe_field, show
+from lingmao.compat import hydra_error_reporter
 from lingmao.errors import LingmaoError, traceback_wanted
 
 # Trainer arguments that other keys set: naming them under trainer.* is refused with a pointer.
@@ -130,42 +131,18 @@ def _one_line(exc: BaseException) -> str:
 def report_config_errors(root: type | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a `@hydra.main` app: a composition error of the user's prints `error: ...` and exits 2.
 
-    Hydra reports these through `hydra._internal.utils.run_and_report` (exit 1, several lines) and offers no
-    hook to format them (hydra-ecosystem/hydra#3454 is about their presentation); for the duration of the
-    call that function is wrapped so such errors are described first. Errors of the task itself pass through
-    untouched, and with HYDRA_FULL_ERROR=1 Hydra's behaviour is unchanged. `root`: the app's config dataclass,
-    for naming the allowed keys.
+    Errors of the task itself pass through untouched, and with HYDRA_FULL_ERROR=1 Hydra's behaviour is
+    unchanged (how: `lingmao.compat.hydra_error_reporter`). `root`: the app's config dataclass, for naming the
+    allowed keys.
     """
 
     def decorate(app: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(app)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                from hydra._internal import utils as hydra_utils
-            except ImportError:  # pragma: no cover - another Hydra layout: keep its own reporting
+            if traceback_wanted():
                 return app(*args, **kwargs)
-            original = getattr(hydra_utils, "run_and_report", None)
-            if original is None or traceback_wanted():
+            with hydra_error_reporter(lambda exc: describe_hydra_error(exc, root), LingmaoError.exit_code):
                 return app(*args, **kwargs)
-
-            def run_and_report(func: Callable[[], Any]) -> Any:
-                def guarded() -> Any:
-                    try:
-                        return func()
-                    except Exception as exc:
-                        message = describe_hydra_error(exc, root)
-                        if message is None:
-                            raise
-                        print(f"error: {message}", file=sys.stderr)
-                        sys.exit(LingmaoError.exit_code)
-
-                return original(guarded)
-
-            hydra_utils.run_and_report = run_and_report
-            try:
-                return app(*args, **kwargs)
-            finally:
-                hydra_utils.run_and_report = original
 
         return wrapper
 

@@ -19,13 +19,11 @@ from typing import Any
 
 from omegaconf import read_write
 
+from lingmao.compat import LAUNCHER_ENV
 from lingmao.hardware import FSDPConfig, HardwareConfig
 
 log = logging.getLogger(__name__)
 
-# What Lightning's launcher leaves in the environment of rank 0; with LOCAL_RANK still set, the next job of
-# a sweep would believe its ranks were started by someone else and wait for them forever.
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Hydra overrides that make sense in a single run of one job (the rest belong to the sweep).
 _KEPT_HYDRA_OVERRIDES = ("hydra.job.chdir", "hydra.job.env_set", "hydra.job.config", "hydra.verbose",
                          "hydra/job_logging", "hydra/hydra_logging", "hydra.job_logging", "hydra.hydra_logging")
@@ -78,8 +76,9 @@ def _kept_hydra_overrides(overrides: list[str]) -> list[str]:
 def single_job_command() -> Iterator[None]:
     """Inside one job of a Hydra multirun, make `sys.argv` the command line of that job alone.
 
-    Lightning's launcher (`_hydra_subprocess_cmd`) appends `hydra.run.dir=<HydraConfig run.dir>`, so the
-    run dir is pointed at the job's output directory too: the extra ranks log next to rank 0's job.
+    Lightning's launcher (`_hydra_subprocess_cmd`, a private function: `lingmao.compat`) appends
+    `hydra.run.dir=<HydraConfig run.dir>`, so the run dir is pointed at the job's output directory too: the
+    extra ranks log next to rank 0's job.
     At the end of the job, the process group and the launcher's environment variables are cleared, so the
     next job starts its own ranks. Outside a multirun this does nothing.
     """
@@ -94,7 +93,8 @@ def single_job_command() -> Iterator[None]:
         yield
         return
     saved_argv, saved_dir = list(sys.argv), hc.run.dir
-    saved_env = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    # With LOCAL_RANK still set, the next job would believe its ranks were started by someone else and wait for them.
+    saved_env = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     sys.argv = [
         sys.argv[0], *_config_flags(sys.argv[1:]), *_kept_hydra_overrides(list(hc.overrides.hydra)),
         *hc.overrides.task,

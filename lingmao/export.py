@@ -97,7 +97,7 @@ def export_model(
         shutil.rmtree(stale, ignore_errors=True)
     staging = make_temp_dir(directory, STAGING_PREFIX)
     try:
-        save_safetensors(getattr(model, "_orig_mod", model), str(staging / WEIGHTS))
+        save_safetensors(model, str(staging / WEIGHTS))
         tokenizer.save(str(staging / TOKENIZER))
         cfg = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
         config = {
@@ -198,7 +198,7 @@ class LingmaoModel:
                 f"{vocab_size}; pass the run's tokenizer=PATH"
             )
         weights = {
-            key[len("model."):].replace("_orig_mod.", "", 1): value
+            key[len("model."):]: value
             for key, value in state.items() if key.startswith("model.")
         }
         model_cfg = model_config_from_dict(model_values)

@@ -1,8 +1,10 @@
-"""Which device to train on, with which precision, in how many processes."""
+"""Which device to train on, with which precision, in how many processes; and what this process may take of
+the machine (threads, CPU cores, GPU memory)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -127,3 +129,94 @@ def configure_process(hw: HardwareConfig) -> None:
         torch.set_num_threads(hw.cpu_threads)
     if hw.matmul_precision:
         torch.set_float32_matmul_precision(hw.matmul_precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Process limits: threads / CPU affinity / GPU memory
+# ----------------------------------------------------------------------------------------------
+# torch's default MPS limit when PYTORCH_MPS_HIGH_WATERMARK_RATIO is not set (see torch.mps docs).
+MPS_DEFAULT_HIGH_WATERMARK = 1.7
+
+
+def _thread_ids() -> list[int]:
+    """Every thread of this process (Linux affinity is per thread; new threads inherit it)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def _set_affinity(cpus: set[int]) -> None:
+    for tid in _thread_ids():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # a thread that just ended, or not permitted
+            pass
+
+
+class ProcessLimits:
+    """Applies and lifts a share of the machine for one device type (night mode's limits).
+
+    cpu:  torch intra-op threads x cpu_fraction, and the process's CPU affinity where the OS has it (Linux).
+    cuda: torch.cuda.set_per_process_memory_fraction on the run's device (never above a hardware cap), and
+          the cached blocks are released so the memory really goes back.
+    mps:  torch.mps.set_per_process_memory_fraction (a share of Metal's recommended working set) and fewer
+          torch threads; macOS has no CPU affinity call.
+    """
+
+    def __init__(self, cpu_fraction: float, gpu_memory_fraction: float, base_gpu_fraction: float | None = None):
+        self.cpu_fraction = cpu_fraction
+        self.gpu_memory_fraction = gpu_memory_fraction
+        self.base_gpu_fraction = base_gpu_fraction
+        self.device = torch.device("cpu")
+        self.day_threads = torch.get_num_threads()
+        self.day_cpus: set[int] | None = None
+        self.active = False
+
+    def capture(self, device: torch.device) -> None:
+        """Remember the unlimited settings (call before applying)."""
+        self.device = device
+        self.day_threads = torch.get_num_threads()
+        self.day_cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+    @property
+    def limits_threads(self) -> bool:
+        return self.device.type in ("cpu", "mps")
+
+    def _gpu_fraction(self, limited: bool) -> float:
+        base = self.base_gpu_fraction if self.base_gpu_fraction is not None else 1.0
+        return min(base, self.gpu_memory_fraction) if limited else base
+
+    def set(self, limited: bool) -> list[str]:
+        """Apply (limited=True) or lift the limits; return what changed, as short phrases for the log."""
+        if limited == self.active:
+            return []
+        self.active = limited
+        changes: list[str] = []
+        if self.limits_threads:
+            before = torch.get_num_threads()
+            after = max(1, int(self.day_threads * self.cpu_fraction)) if limited else self.day_threads
+            torch.set_num_threads(after)
+            changes.append(f"threads {before}->{after}")
+            if self.day_cpus is not None and hasattr(os, "sched_setaffinity") and len(self.day_cpus) > 1:
+                cpus = (set(sorted(self.day_cpus)[: max(1, int(len(self.day_cpus) * self.cpu_fraction))])
+                        if limited else self.day_cpus)
+                before_cpus = len(os.sched_getaffinity(0))
+                _set_affinity(cpus)
+                changes.append(f"cpus {before_cpus}->{len(cpus)}")
+        if self.device.type == "cuda":
+            before_f, after_f = self._gpu_fraction(not limited), self._gpu_fraction(limited)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(after_f, index)
+            if limited:
+                torch.cuda.empty_cache()
+            changes.append(f"gpu memory {before_f:.0%}->{after_f:.0%}")
+        elif self.device.type == "mps":
+            # hardware.gpu_memory_fraction is a CUDA cap; MPS's unlimited setting is torch's own.
+            day = float(os.environ.get("PYTORCH_MPS_HIGH_WATERMARK_RATIO", MPS_DEFAULT_HIGH_WATERMARK))
+            after_f = min(day, self.gpu_memory_fraction) if limited else day
+            torch.mps.set_per_process_memory_fraction(after_f)
+            if limited:
+                torch.mps.empty_cache()
+            changes.append(f"mps memory limit x{after_f:g}")
+        return changes

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import Logger
 
 from lingmao.checks import check_fields, number
+from lingmao.compat import appending_csv_logger
 from lingmao.errors import LingmaoError
 
 
@@ -26,42 +24,15 @@ class LoggerConfig:
     print_config: bool = True  # print the composed config as a tree at start
     progress_every_n_steps: int = number(50, ge=1)  # no terminal (CI logs, nohup): a progress line every N steps
     progress_refresh_rate: int = number(1, ge=1)  # on a terminal: refresh the progress bar every N batches
-    peak_tflops: float | None = number(None, gt=0)  # the GPU's peak TFLOP/s for MFU; null = Lightning's table
+    peak_tflops: float | None = number(None, gt=0)  # the GPU's peak TFLOP/s for MFU; null = lingmao.peak_flops
 
     def __post_init__(self) -> None:
         check_fields(self)
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead, under the
-    file's own header (new columns rewrite the file with a wider header, as Lightning does)."""
-
-    def __init__(self, log_dir: str) -> None:
-        super().__init__(log_dir)
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = list(next(csv.reader(f), []))
-
-    def _check_log_dir_exists(self) -> None:
-        # A private Lightning method, overridden because CSVLogger has no option to append: since
-        # Lightning-AI/pytorch-lightning#19446 it deletes an existing metrics.csv here.
-        pass
-
-
-class AppendingCSVLogger(CSVLogger):
-    """`CSVLogger` writing `<save_dir>/metrics.csv`, appending when the file exists (resumed runs)."""
-
-    @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
 def build_loggers(config: LoggerConfig, run_dir: Path) -> list[Logger]:
     """CSV always (`<run dir>/metrics.csv`); TensorBoard too with `logger=tensorboard`."""
-    loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [appending_csv_logger(str(run_dir))]  # appends across resumes
     if config.tensorboard:
         try:
             import tensorboard  # noqa: F401

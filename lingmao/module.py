@@ -44,6 +44,7 @@ class LingmaoLM(L.LightningModule):
         self.lr_scale = 1.0  # night mode's factor
         self.warmup_cap: int | None = None  # a short run's shorter warm-up (see fit_warmup)
         self.val_tokens_per_char: float | None = None  # of the validation set, for val/bpc
+        self.last_val_step = -1  # the optimizer step of the latest validation in this process
         # A compiled *function*, not a wrapped module: state_dict keys stay the same with compile on or off.
         self._compiled_forward = torch.compile(self.model.forward) if self.model_config.compile else None
         self._schedules: list[tuple[float, int, float]] = []  # per parameter group: peak lr, warm-up, floor
@@ -82,6 +83,10 @@ class LingmaoLM(L.LightningModule):
         self.val_ppl(logits.float(), y)
         self.log("val/ppl", self.val_ppl, prog_bar=True)
         self.log_dict({"step": float(self.trainer.global_step), "epoch": float(self.trainer.current_epoch)})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.trainer.global_step
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -125,6 +130,10 @@ class LingmaoLM(L.LightningModule):
         step, progress, total = self.trainer.global_step, self.progress(batch_idx), self.total_steps()
         for optimizer in self.trainer.optimizers:
             apply_schedule(optimizer, self._schedules, step, total, progress, self.warmup_cap, self.lr_scale)
+
+    def on_train_start(self) -> None:
+        # The loaders exist and night mode has chosen its batch: the steps counted are those the run will take.
+        self.fit_warmup(self.total_steps())
 
     def fit_warmup(self, planned_steps: float) -> None:
         """A warm-up longer than half the run would leave the run no time to learn at full rate: use a tenth of

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lingmao.checks import check_fields, choice, number
+from lingmao.compat import muon_lr, orthogonalize  # copies of torch's private Muon functions
 from lingmao.errors import LingmaoError
 
 OPTIMIZERS = ("adamw", "muon")
@@ -165,31 +166,9 @@ class MultiOptimizer(torch.optim.Optimizer):
         self._share()
 
 
-def orthogonalize(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """torch's Newton-Schulz iteration (`torch.optim._muon`): about U V^T of g = U S V^T, computed in `dtype`."""
-    a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch's learning-rate adjustment for a matrix of `shape` (`adjust_lr_fn` of `torch.optim.Muon`)."""
-    rows, cols = shape[:2]
-    if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    return lr * math.sqrt(max(1, rows / cols))
-
-
 class Muon(torch.optim.Muon):
-    """`torch.optim.Muon`, with the Newton-Schulz iteration in `ns_dtype`.
+    """`torch.optim.Muon`, with the Newton-Schulz iteration in `ns_dtype` (torch's private step functions,
+    copied in `lingmao.compat`).
 
     torch runs it in bfloat16, which suits GPUs; a CPU without bfloat16 matrix units multiplies bfloat16
     several times slower than float32 (on a 2-core AVX2 machine: 2.2 against 13.8 GFLOP/s, and 15.8 s for

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lingmao.callbacks.monitoring import TrainingMonitor
+from lingmao.callbacks.night import NightMode
 from lingmao.callbacks.progress import format_duration
 from lingmao.io import atomic_write_text
 
@@ -85,7 +86,8 @@ def run_summary(
     trainer: L.Trainer, checkpoint: str | Path | None = None, export: str | Path | None = None,
     test: TestResult | None = None,
 ) -> str:
-    """One table: steps, epochs, times, tokens, best validation, the test against its baseline, where files are."""
+    """One table: steps, epochs, what night mode changed, times, tokens, best validation, the test against its
+    baseline, where files are."""
     monitor = next((c for c in trainer.callbacks if isinstance(c, TrainingMonitor)), None)
     steps = f"{trainer.global_step:,}"
     if trainer.max_steps and trainer.max_steps > 0:
@@ -94,6 +96,9 @@ def run_summary(
     batches = trainer.num_training_batches
     if isinstance(batches, int) and batches > 0:
         rows.append(("epochs", f"{trainer.global_step * trainer.accumulate_grad_batches / batches:.2f}"))
+    night = next((c for c in trainer.callbacks if isinstance(c, NightMode)), None)
+    for i, line in enumerate(night.summary_rows(trainer.global_step) if night is not None else []):
+        rows.append(("night mode" if i == 0 else "", line))
     if monitor is not None:
         sessions = monitor.session
         if sessions > 1:

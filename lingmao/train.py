@@ -17,7 +17,7 @@ from lingmao import cli, config, distributed, report, sweep
 from lingmao.callbacks import instantiate_callbacks
 from lingmao.callbacks.monitoring import TrainingMonitor
 from lingmao.checkpointing import AtomicCheckpointIO, TrainingInterrupted, interrupts_exit_cleanly, resume_point
-from lingmao.data import build_datamodule
+from lingmao.data import LMDataModule
 from lingmao.errors import exit_on_user_error
 from lingmao.evaluate import test_result
 from lingmao.export import export_model
@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if (done := sweep.finished_result(run_dir, cfg)) is not None:
         return TrainResult(run_dir, done.global_step, done.best_val_loss, done.last_val_loss, finished_before=True)
 
-    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=accelerator == "cuda")
+    dm = LMDataModule(conf.data, conf.paths.cache_dir, pin_memory=accelerator == "cuda", seed=conf.seed)
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     schedule = {"max_steps": conf.trainer.max_steps, "max_epochs": conf.trainer.max_epochs}
@@ -79,15 +79,15 @@ def train(cfg: DictConfig) -> TrainResult:
            "limit_val_batches": conf.trainer.limit_val_batches if dm.has_val else 0},
     )
     ckpt_path = resume_point(conf, run_dir, lm, tokenizer)
-    lm.fit_warmup(dm.planned_steps(conf.trainer, conf.optim.accumulation_steps, trainer.world_size))
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
-    monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingMonitor))
-    if dm.has_val and trainer.limit_val_batches and monitor.last_val_step != trainer.global_step:
+    if dm.has_val and trainer.limit_val_batches and lm.last_val_step != trainer.global_step:
         # Validation always ends a run.
         trainer.validate(lm, datamodule=dm, verbose=False)
     val_loss = trainer.callback_metrics.get("val/loss")
-    result = TrainResult(run_dir, trainer.global_step, monitor.best.get("val/loss"),
+    # The best validation is the monitor's to know; without it (~callbacks.training_monitor), only the last.
+    monitor = next((c for c in trainer.callbacks if isinstance(c, TrainingMonitor)), None)
+    result = TrainResult(run_dir, trainer.global_step, monitor.best.get("val/loss") if monitor else None,
                          float(val_loss) if val_loss is not None else None,
                          checkpoint=run_dir / "checkpoints" / "last.ckpt")
     if conf.run_test and dm.has_test:

@@ -378,7 +378,7 @@ def loader_stall(args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from lingmao.config import compose_config, validate
-    from lingmao.data import build_datamodule
+    from lingmao.data import LMDataModule
     from lingmao.train import train
 
     steps = args.stall_warmup + args.stall_steps
@@ -395,7 +395,7 @@ def loader_stall(args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
     result = json.loads(report.read_text())
     # The fetch alone: the same loader, no model.
     conf = validate(cfg)
-    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed)
+    dm = LMDataModule(conf.data, conf.paths.cache_dir, seed=conf.seed)
     dm.prepare_tokenizer()
     dm.prepare_data()
     dm.setup("fit")

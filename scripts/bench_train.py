@@ -19,7 +19,8 @@ the usable cores, interleaved; the window starts when training starts (`--warmup
 paid inside it. Prints tokens/s of each and the ratio default / best fixed.
 
 On CUDA it also prints MFU: model FLOPs per token (6 N + 12 L T d, `flops_per_token`) times tokens/s over the
-GPU's dense peak at the run's precision (the table below, or `--peak-tflops`).
+GPU's dense peak at the run's precision (`lingmao.peak_flops`, the table the app's logged MFU uses, or
+`--peak-tflops`).
 """
 
 from __future__ import annotations
@@ -52,20 +53,12 @@ from torch import nn
 
 from lingmao import config as lingmao_config
 from lingmao.callbacks.threads import usable_cores
-from lingmao.data import build_datamodule
+from lingmao.data import LMDataModule
 from lingmao.hardware import resolve_accelerator, resolve_precision
 from lingmao.model import train_flops_per_token
+from lingmao.peak_flops import peak_tflops
 from lingmao.train import train
 
-# Dense (not 2:4 sparse) peak TFLOP/s of the tensor cores by precision, from the vendors' data sheets.
-# Lightning's table (`get_available_flops`) lists the sparse figures for Hopper; it is asked only for GPUs
-# missing here.
-DENSE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "h200": {"bf16": 989.0, "16": 989.0, "32": 494.0},
-    "h100 sxm": {"bf16": 989.0, "16": 989.0, "32": 494.0},
-    "h100": {"bf16": 756.0, "16": 756.0, "32": 378.0},  # PCIe
-    "a100": {"bf16": 312.0, "16": 312.0, "32": 156.0},
-}
 # A Python busy loop that ends with its parent, should the benchmark itself be killed.
 NEIGHBOUR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
@@ -268,7 +261,7 @@ def run_plain(conf: lingmao_config.TrainConfig, args: argparse.Namespace, warmup
     if args.threads:
         torch.set_num_threads(args.threads)
     L.seed_everything(conf.seed, verbose=False)
-    dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=device.type == "cuda")
+    dm = LMDataModule(conf.data, conf.paths.cache_dir, pin_memory=device.type == "cuda", seed=conf.seed)
     vocab = dm.prepare_tokenizer().get_vocab_size()
     dm.prepare_data()
     pad = dm.special_ids["pad"]
@@ -384,22 +377,6 @@ def spread(values: list[float], fmt: str = ",.3f") -> str:
     return f"median {statistics.median(values):{fmt}} (min {min(values):{fmt}}, max {max(values):{fmt}})"
 
 
-def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
-    """The GPU's dense peak at `precision`: --peak-tflops, else the table above, else Lightning's table."""
-    if override:
-        return override
-    name = torch.cuda.get_device_name(device).lower()
-    key = "bf16" if "bf16" in precision else "16" if precision.startswith("16") else "32"
-    for chip, peaks in DENSE_PEAK_TFLOPS.items():
-        if all(part in name for part in chip.split()):
-            return peaks[key]
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}[key]
-    flops = get_available_flops(device, dtype)
-    return flops / 1e12 if flops else None
-
-
 def print_profile(title: str, stats: str | cProfile.Profile, top: int) -> None:
     """The `top` functions by own time of a profile (a cProfile.Profile or a file it wrote)."""
     s = io.StringIO()
@@ -436,7 +413,7 @@ def compare_with_plain(args: argparse.Namespace, out: Path, conf: lingmao_config
     precision = resolve_precision(conf.hardware.precision, accelerator)
     device = torch.device("cuda", 0) if accelerator == "cuda" else torch.device(accelerator)
     m, d = conf.model, conf.data
-    vocab = build_datamodule(d, conf.paths.cache_dir).prepare_tokenizer().get_vocab_size()
+    vocab = LMDataModule(d, conf.paths.cache_dir).prepare_tokenizer().get_vocab_size()
     plain = PlainGPT(vocab, m.d_model, m.nhead, m.num_layers, m.dim_feedforward, d.context_length, args.plain_dropout)
     lingmao_flops = train_flops_per_token(m, vocab, d.context_length)
     flops = {"lingmao": lingmao_flops, "plain": plain.flops_per_token(d.context_length)}
@@ -481,7 +458,8 @@ def compare_with_plain(args: argparse.Namespace, out: Path, conf: lingmao_config
         ratios.append(got["lingmao"] / got["plain"])
         print(f"repeat {r + 1}/{args.repeat} ({' then '.join(order)}): lingmao {got['lingmao']:,.0f} tok/s, "
               f"plain {got['plain']:,.0f} tok/s, ratio {ratios[-1]:.3f}; load average {load_average()}", flush=True)
-    peak = peak_tflops(device, precision, args.peak_tflops) if device.type == "cuda" else None
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), precision,
+                                            torch.get_float32_matmul_precision()) if device.type == "cuda" else None)
     print(f"\n| side | tokens/s, median (min-max) over {args.repeat} | tokens per CPU-second | mean train loss "
           f"| GFLOP/s |{' MFU |' if device.type == 'cuda' else ''}")
     print(f"| --- | --- | --- | --- | --- |{' --- |' if device.type == 'cuda' else ''}")

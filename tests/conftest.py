@@ -9,6 +9,7 @@ subprocesses, several processes, or train for more than a moment.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import itertools
 import os
 import shutil
@@ -265,3 +266,27 @@ def train_with(monkeypatch: pytest.MonkeyPatch, cfg, *callbacks: L.Callback, fir
     monkeypatch.setattr(train_mod, "instantiate_callbacks",
                         lambda c: [*callbacks, *build(c)] if first else [*build(c), *callbacks])
     return train_mod.train(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Night mode's clock
+# ----------------------------------------------------------------------------------------------
+class ScriptedClock:
+    """Night mode's clock in tests: `times[0]` at the first reading, `times[1]` at the second, ... and then the
+    last one for ever (["21:59", "22:00"]: day at the start, night from the first epoch boundary on)."""
+
+    def __init__(self, *times: str) -> None:
+        self.times = [dt.time.fromisoformat(t) for t in times]
+        self.readings = 0
+
+    def __call__(self) -> dt.time:
+        t = self.times[min(self.readings, len(self.times) - 1)]
+        self.readings += 1
+        return t
+
+
+def script_night_clock(monkeypatch: pytest.MonkeyPatch, *times: str) -> ScriptedClock:
+    """Make the local time that night mode reads (with `night.now` null) follow `times`."""
+    clock = ScriptedClock(*times)
+    monkeypatch.setattr("lingmao.callbacks.night.local_time", clock)
+    return clock

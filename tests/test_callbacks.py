@@ -258,3 +258,27 @@ def test_thread_tuner_stays_out_of_a_fixed_count():
     cfg = compose_config(["hardware.cpu_threads=1"])
     built = next(c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, ThreadTuner))
     assert built.fixed == 1
+
+
+DEFAULT_CALLBACKS = sorted(compose_config([]).callbacks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DEFAULT_CALLBACKS)
+def test_every_default_callback_can_be_removed(name, small_corpus, tmp_path):
+    """`~callbacks.NAME` (docs/configuration.md) for each entry of conf/callbacks/default.yaml: the run trains,
+    validates at its end, tests, exports and says so, without it."""
+    train, test = small_corpus
+    overrides = [*tiny_overrides(tmp_path, train, test, steps=4), "trainer.val_check_interval=3",
+                 "trainer.limit_test_batches=2", "logger.plots=false", "night=default", "night.now=23:30",
+                 f"~callbacks.{name}"]
+    cfg = compose_config(overrides)
+    assert name not in cfg.callbacks
+    threads = torch.get_num_threads()
+    try:
+        result = train_mod.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.global_step == 4 and result.last_val_loss is not None and result.test is not None
+    assert (result.export_dir / "model.safetensors").is_file()
+    assert (result.run_dir / "finished.json").is_file()

@@ -149,8 +149,9 @@ def test_memory_is_two_bytes_a_token_whatever_the_stride(small_corpus, tokenizer
 
 def test_datamodule_loaders(small_corpus, tmp_path):
     train, test = small_corpus
-    dm = LMDataModule(str(train), str(test), str(tmp_path / "tok.json"), context_length=32, batch_size=4,
-                      cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(train_file=str(train), test_file=str(test), tokenizer_path=str(tmp_path / "tok.json"),
+                     context_length=32, batch_size=4)
+    dm = LMDataModule(cfg, cache_dir=tmp_path / "cache")
     dm.prepare_data()
     dm.setup("fit")
     assert (tmp_path / "tok.json").is_file()
@@ -164,7 +165,8 @@ def test_datamodule_loaders(small_corpus, tmp_path):
 def test_zero_windows_is_a_clear_error(tmp_path):
     f = tmp_path / "short.jsonl"
     f.write_text('{"text": "床前明月光"}\n', encoding="utf-8")
-    dm = LMDataModule(str(f), None, str(tmp_path / "tok.json"), context_length=64, batch_size=1)
+    dm = LMDataModule(DataConfig(train_file=str(f), tokenizer_path=str(tmp_path / "tok.json"), context_length=64,
+                                 batch_size=1))
     with pytest.raises(LingmaoError, match=r"short.jsonl.*no window.*1 documents, 7 tokens"):
         dm.setup("fit")
 

@@ -15,7 +15,7 @@ import torch
 import lingmao.train as train_mod
 from lingmao.config import compose_config, validate
 from lingmao.errors import LingmaoError
-from tests.conftest import tiny_overrides, train_with
+from tests.conftest import script_night_clock, tiny_overrides, train_with
 
 
 class LearningRates(L.Callback):
@@ -90,10 +90,11 @@ def test_an_epoch_limited_schedule_follows_epochs_when_night_changes_the_steps(s
     """Night halves the batch in epoch 1 (twice the steps); the rate still reaches each epoch's point of the curve."""
     train, test = small_corpus
     overrides = [o for o in tiny_overrides(tmp_path, train, test, steps=-1) if o != "night=off"] + [
-        "night=default", "night.now=[12:00,23:00,12:00]", "trainer.max_epochs=3", "++trainer.limit_train_batches=4",
+        "night=default", "trainer.max_epochs=3", "++trainer.limit_train_batches=4",
         "optim.warmup_steps=0", "run_test=false", "export=false", "trainer.val_check_interval=1000",
         "hardware.cpu_threads=1",
     ]
+    script_night_clock(monkeypatch, "12:00", "23:00", "12:00")
     rows = run(monkeypatch, overrides).rows
     per_epoch = {e: [r for r in rows if r[1] == e] for e in range(3)}
     assert [len(per_epoch[e]) for e in range(3)] == [4, 4, 4]  # limit_train_batches caps each epoch

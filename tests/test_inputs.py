@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lingmao.data import LMDataModule, TextSource, input_files, input_problems, iter_documents, load_or_tokenize
+from lingmao.data import (
+    DataConfig,
+    LMDataModule,
+    TextSource,
+    input_files,
+    input_problems,
+    iter_documents,
+    load_or_tokenize,
+)
 from lingmao.data import reading as reading_module
 from lingmao.data.tokenizer import save_tokenizer, train_tokenizer
 from lingmao.errors import LingmaoError
@@ -44,8 +52,9 @@ def windows(dm: LMDataModule, which: str) -> list[list[int]]:
 
 
 def datamodule(train, tmp_path: Path, name: str, **options) -> LMDataModule:
-    dm = LMDataModule(train, None, str(tmp_path / f"{name}.tok.json"), context_length=16, batch_size=2,
-                      cache_dir=str(tmp_path / "cache"), **options)
+    cfg = DataConfig(train_file=train, tokenizer_path=str(tmp_path / f"{name}.tok.json"), context_length=16,
+                     batch_size=2, **options)
+    dm = LMDataModule(cfg, cache_dir=tmp_path / "cache")
     dm.setup("fit")
     return dm
 
@@ -113,7 +122,7 @@ def test_input_problems_are_one_line_each(tmp_path):
 def test_a_changed_file_is_read_again_alone(tmp_path, caplog):
     files = write_parts(tmp_path / "parts", sample_docs(60))
     first = datamodule(str(tmp_path / "parts"), tmp_path, "first")
-    entries = sorted((tmp_path / "cache").iterdir())
+    entries = sorted((tmp_path / "cache" / "tokens").iterdir())
     stamps = {p.name: (p / "meta.json").stat().st_mtime_ns for p in entries}
     with files[1].open("ab") as f:  # one more poem at the end of the gzipped file (a second gzip member)
         f.write(gzip.compress(jsonl(sample_docs(1, start=70)).encode()))
@@ -123,7 +132,7 @@ def test_a_changed_file_is_read_again_alone(tmp_path, caplog):
     assert len(tokenized) == 1 and tokenized[0].startswith(f"tokenized {files[1]}:"), tokenized
     assert "token cache hit for 2 of 3 files" in caplog.text
     assert {p.name: (p / "meta.json").stat().st_mtime_ns for p in entries} == stamps  # the others untouched
-    assert len(list((tmp_path / "cache").iterdir())) == 4
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 4
     docs = first.train_set.num_documents + (first.val_set.num_documents if first.val_set else 0)
     assert second.train_set.num_documents + (second.val_set.num_documents if second.val_set else 0) == docs + 1
 
@@ -133,8 +142,9 @@ def test_files_tokenized_in_parallel_give_the_same_tokens(tmp_path):
     tok = train_tokenizer(d for f in files for d in iter_documents(f))
     alone = [load_or_tokenize(f, tok, TextSource(), tmp_path / "serial").ids() for f in files]
     save_tokenizer(tok, tmp_path / "tok.json")
-    dm = LMDataModule([str(f) for f in files], None, str(tmp_path / "tok.json"), context_length=16, batch_size=2,
-                      cache_dir=str(tmp_path / "parallel"), num_workers=2)
+    cfg = DataConfig(train_file=[str(f) for f in files], tokenizer_path=str(tmp_path / "tok.json"),
+                     context_length=16, batch_size=2, num_workers=2)
+    dm = LMDataModule(cfg, cache_dir=tmp_path / "parallel")
     together = [tf.ids() for tf in dm.token_files("train")]
     assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
 

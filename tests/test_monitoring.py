@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import re
 import sys
@@ -15,12 +16,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lingmao.callbacks.monitoring import TrainingMonitor, precision_dtype
+from lingmao.callbacks.monitoring import TrainingMonitor
 from lingmao.callbacks.progress import LineProgress, TerminalProgressBar, is_terminal, progress_output
+from lingmao.compat import appending_csv_logger
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
-from lingmao.loggers import AppendingCSVLogger, LoggerConfig, build_loggers
+from lingmao.loggers import LoggerConfig, build_loggers
 from lingmao.model import ModelConfig, build_model
+from lingmao.peak_flops import peak_tflops
 from lingmao.plot import read_metrics
 from lingmao.report import config_tree, format_table
 from tests.conftest import run_module
@@ -44,13 +47,45 @@ def test_flops_per_token_matches_a_hand_count():
     assert model.flops_per_token(t) == 3 * forward == 677_376
 
 
-def test_peak_flops_follow_the_precision_of_the_run():
-    assert precision_dtype("bf16-mixed") == torch.bfloat16
-    assert precision_dtype("16-mixed") == torch.float16
-    torch.set_float32_matmul_precision("high")
-    assert precision_dtype("32-true") == "tfloat32"  # TF32 tensor cores on Ampere and later
-    torch.set_float32_matmul_precision("highest")
-    assert precision_dtype("32-true") == torch.float32
+@pytest.mark.parametrize(
+    ("name", "precision", "matmul", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", "highest", 989.4),  # SXM
+        ("NVIDIA H100 PCIe", "bf16-mixed", "highest", 756.0),
+        ("NVIDIA H200", "16-mixed", "highest", 989.4),
+        ("NVIDIA H200 NVL", "bf16-true", "highest", 835.5),
+        ("NVIDIA A100-SXM4-80GB", "32-true", "high", 156.0),  # float32 matmuls on TF32 tensor cores
+        ("NVIDIA A100 80GB PCIe", "32-true", "highest", 19.5),
+        ("NVIDIA A10G", "bf16-mixed", "highest", 125.0),
+        ("NVIDIA L4", "bf16-mixed", "highest", 121.0),
+        ("NVIDIA L40S", "bf16-mixed", "highest", 366.5),
+        ("Tesla T4", "bf16-mixed", "highest", None),  # no bfloat16 tensor cores
+        ("Tesla V100-SXM2-16GB", "16-mixed", "highest", 125.0),
+        ("NVIDIA GeForce GTX 1080", "32-true", "highest", None),  # not in the table
+        ("NVIDIA A100-SXM4-80GB", "64-true", "highest", None),
+    ],
+)
+def test_one_dense_peak_table(name, precision, matmul, peak):
+    assert peak_tflops(name, precision, matmul) == peak
+
+
+def test_the_logged_mfu_uses_that_table(monkeypatch, caplog):
+    """The monitor on a (stand-in) CUDA device takes its peak from lingmao.peak_flops, or logger.peak_tflops."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision="bf16-mixed",
+                              global_step=0)
+    monitor = TrainingMonitor()
+    monitor.on_train_start(trainer, None)
+    assert monitor.peak_flops == 989.4e12
+    monitor = TrainingMonitor(peak_tflops=500)
+    monitor.on_train_start(trainer, None)
+    assert monitor.peak_flops == 500e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    monitor = TrainingMonitor()
+    with caplog.at_level(logging.INFO, logger="lingmao"):
+        monitor.on_train_start(trainer, None)
+    assert monitor.peak_flops is None and "GTX 1080 at bf16-mixed is not in lingmao's peak-FLOP table" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,10 +110,10 @@ def test_terminal_bar_shows_loss_lr_speed_and_eta():
 
 
 def test_csv_logger_appends_when_a_run_resumes(tmp_path):
-    first = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    first = appending_csv_logger(str(tmp_path))
     first.log_metrics({"train/loss": 3.0}, step=9)
     first.save()
-    second = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    second = appending_csv_logger(str(tmp_path))
     second.log_metrics({"train/loss": 2.0}, step=19)
     second.log_metrics({"val/loss": 2.5}, step=19)  # a new column: the header is rewritten, rows kept
     second.save()

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import logging
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,22 +15,21 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import lingmao.train as train_mod
 from lingmao.callbacks import instantiate_callbacks
 from lingmao.callbacks.night import (
     NightConfig,
     NightMode,
     NightWindow,
-    ProcessLimits,
-    ScriptedClock,
     make_clock,
     night_accumulation,
     night_batch_size,
     parse_time,
-    real_clock,
 )
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
-from tests.conftest import run_module, tiny_overrides, train_with
+from lingmao.hardware import ProcessLimits
+from tests.conftest import cut_corpus, run_module, script_night_clock, tiny_overrides, train_with
 
 T = dt.time
 
@@ -72,14 +72,15 @@ def test_parse_time_errors_name_the_key():
         parse_time(1320, "night.start")
 
 
-def test_clocks():
-    assert make_clock(None) is real_clock
+def test_clocks(monkeypatch):
     assert make_clock("23:30")() == T(23, 30)
-    scripted = make_clock(OmegaConf.create({"now": ["21:59", "22:00"]}).now)
-    assert isinstance(scripted, ScriptedClock)
-    assert [scripted() for _ in range(3)] == [T(21, 59), T(22, 0), T(22, 0)]
-    with pytest.raises(LingmaoError, match=r"night\.now\[1\]"):
-        make_clock(["21:00", "late"])
+    local = make_clock(None)
+    script_night_clock(monkeypatch, "21:59", "22:00")  # the local time, as tests script it
+    assert [local() for _ in range(3)] == [T(21, 59), T(22, 0), T(22, 0)]
+    with pytest.raises(LingmaoError, match=r'^night\.now: one time of day like "23:30".*not a list$'):
+        make_clock(OmegaConf.create({"now": ["21:59", "22:00"]}).now)
+    with pytest.raises(LingmaoError, match=r"night\.now: \"late\" is not a time"):
+        make_clock("late")
 
 
 def test_batch_and_accumulation_arithmetic():
@@ -265,6 +266,7 @@ def test_night_and_day_runs(small_corpus, tmp_path, monkeypatch, caplog, restore
     assert {r["cpus"] for r in rec.rows} == {half_cpus()}
     assert {r["accumulation"] for r in rec.rows} == {1}  # keep_effective_batch: false halves samples per step
     assert "night mode on (23:30): batch 8->4, lr x0.75, threads 2->1" in caplog.text
+    assert re.search(r"\nnight mode +steps 0-6 \(the end\): batch 8->4, lr x0.75, threads 2->1\n", caplog.text)
     assert torch.get_num_threads() == 2  # restored at the end of fit
     metrics = list(csv.DictReader(open(next((tmp_path / "n").rglob("metrics.csv")))))
     assert {float(m["night"]) for m in metrics if m.get("night")} == {1.0}
@@ -274,16 +276,15 @@ def test_night_and_day_runs(small_corpus, tmp_path, monkeypatch, caplog, restore
     assert {(r["batch"], r["lr_scale"], r["threads"]) for r in rec.rows} == {(8, 1.0, 2)}
     assert "night mode on" not in caplog.text
     assert "clock 12:00: day" in caplog.text
+    assert "\nnight mode " not in caplog.text  # the summary has no night row
 
 
 @pytest.mark.slow
 def test_flip_at_epoch_boundaries(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     """21:59 at epoch 0, 22:00 at epoch 1, 07:00 at epoch 2: night mode enters and leaves during the run."""
     caplog.set_level(logging.INFO, logger="lingmao")
-    cfg = night_cfg(
-        tmp_path, small_corpus, "night.now=[21:59,22:00,07:00]", "++trainer.limit_train_batches=3",
-        "trainer.max_epochs=3", steps=100,
-    )
+    script_night_clock(monkeypatch, "21:59", "22:00", "07:00")
+    cfg = night_cfg(tmp_path, small_corpus, "++trainer.limit_train_batches=3", "trainer.max_epochs=3", steps=100)
     rec = run_recorded(cfg, monkeypatch)
     assert rec.per_epoch("batch") == {0: {8}, 1: {4}, 2: {8}}
     assert rec.per_epoch("lr_scale") == {0: {1.0}, 1: {0.75}, 2: {1.0}}
@@ -292,6 +293,7 @@ def test_flip_at_epoch_boundaries(small_corpus, tmp_path, monkeypatch, caplog, r
     assert rec.per_epoch("cpus") == {0: {day_cpus}, 1: {half_cpus()}, 2: {day_cpus}}
     assert "night mode on (22:00): batch 8->4, lr x0.75, threads 2->1" in caplog.text
     assert "night mode off (07:00): batch 4->8, lr x1, threads 1->2" in caplog.text
+    assert re.search(r"\nnight mode +steps 3-6: batch 8->4, lr x0.75, threads 2->1\n", caplog.text)
     metrics = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     night = {int(m["step"]): float(m["night"]) for m in metrics if m.get("night")}
     assert [night[s] for s in sorted(night)] == [0.0] * 3 + [1.0] * 3 + [0.0] * 3
@@ -300,11 +302,13 @@ def test_flip_at_epoch_boundaries(small_corpus, tmp_path, monkeypatch, caplog, r
 @pytest.mark.slow
 def test_step_checks_move_only_the_limits(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     caplog.set_level(logging.INFO, logger="lingmao")
-    cfg = night_cfg(tmp_path, small_corpus, "night.now=[21:00,21:00,23:00]", "night.check_every_n_steps=2", steps=6)
+    script_night_clock(monkeypatch, "21:00", "21:00", "23:00")
+    cfg = night_cfg(tmp_path, small_corpus, "night.check_every_n_steps=2", steps=6)
     rec = run_recorded(cfg, monkeypatch)
     assert [(r["step"], r["threads"]) for r in rec.rows] == [(0, 2), (1, 2), (2, 2), (3, 2), (4, 1), (5, 1)]
     assert {(r["batch"], r["lr_scale"]) for r in rec.rows} == {(8, 1.0)}  # these wait for the epoch boundary
     assert "night mode limits on (23:00): threads 2->1" in caplog.text
+    assert re.search(r"\nnight mode +steps 4-6 \(the end\): threads 2->1\n", caplog.text)
 
 
 @pytest.mark.slow
@@ -334,20 +338,39 @@ def test_keep_effective_batch_doubles_accumulation(small_corpus, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_path, monkeypatch, restore_threads):
+def test_resume_takes_the_time_of_resuming_not_the_checkpoint(small_corpus, tmp_path, monkeypatch, caplog,
+                                                               restore_threads):
+    caplog.set_level(logging.INFO, logger="lingmao")
     common = ("run_name=resume", "checkpoint_every_n_steps=2")
     rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=23:30", *common, steps=4), monkeypatch)
     assert {r["lr_scale"] for r in rec.rows} == {0.75}
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
     assert ckpt["lr_schedulers"] == []  # the rate is set from the config at every step, never restored
 
+    caplog.clear()
     rec = run_recorded(night_cfg(tmp_path, small_corpus, "night.now=12:00", *common, steps=6), monkeypatch)
     assert [r["step"] for r in rec.rows] == [4, 5]  # resumed
     assert {(r["batch"], r["lr_scale"], r["threads"]) for r in rec.rows} == {(8, 1.0, 2)}
+    # The summary of the resumed run still says what the night before it changed.
+    assert re.search(r"\nnight mode +steps 0-4: batch 8->4, lr x0.75, threads 2->1\n", caplog.text)
 
     # night=off resumes a night checkpoint at the full learning rate too.
     rec = run_recorded(night_cfg(tmp_path, small_corpus, "night=off", *common, steps=8), monkeypatch)
     assert {(r["step"], r["lr_scale"]) for r in rec.rows} == {(6, 1.0), (7, 1.0)}
+
+
+@pytest.mark.slow
+def test_warnings_count_the_steps_of_the_batch_trained(small_corpus, tmp_path, caplog, restore_threads):
+    """An epoch-limited run at night trains twice the steps of half-size batches: the warm-up warning counts those."""
+    caplog.set_level(logging.INFO, logger="lingmao")
+    train, test = small_corpus
+    short = (cut_corpus(train, tmp_path / "short.jsonl", 100), test)  # one epoch: 45 steps of 4 windows
+    cfg = night_cfg(tmp_path, short, "night.now=23:30", "trainer.max_steps=-1", "trainer.max_epochs=1",
+                    "optim.warmup_steps=1000", "trainer.log_every_n_steps=50")
+    result = train_mod.train(cfg)
+    assert result.global_step > 20
+    assert f"more than half of this run's {result.global_step} steps: warming up over {result.global_step // 10} " \
+           "steps" in caplog.text
 
 
 @pytest.mark.slow
@@ -364,18 +387,19 @@ def test_command_line(small_corpus, tmp_path):
 @pytest.mark.slow
 def test_the_thread_tuner_keeps_out_of_the_night(small_corpus, tmp_path, monkeypatch, caplog, restore_threads):
     """The thread tuner (hardware.cpu_threads=null) and night mode in one run: the tuner is trying thread
-    counts when night mode begins, and every night step still runs on the night's one thread and half the
-    cores; by day the tuner chooses again, over all the cores."""
+    counts when night mode begins (a new round right after each, recheck_minutes=0), and every night step still
+    runs on the night's one thread and half the cores; by day the tuner chooses again, over all the cores."""
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != 2:
         pytest.skip("written for two cores: one thread by night, one or two by day")
     torch.set_num_threads(2)
     caplog.set_level(logging.INFO, logger="lingmao")
-    cfg = night_cfg(tmp_path, small_corpus, "night.now=[21:59,22:00,07:00]", "++trainer.limit_train_batches=5",
-                    "trainer.max_epochs=3", "callbacks.thread_tuner.recheck_minutes=0",
-                    "callbacks.thread_tuner.steps_per_trial=2", steps=100, tuner=True)
+    script_night_clock(monkeypatch, "21:59", "22:00", "07:00")
+    cfg = night_cfg(tmp_path, small_corpus, "++trainer.limit_train_batches=5", "trainer.max_epochs=3",
+                    "callbacks.thread_tuner.recheck_minutes=0", "callbacks.thread_tuner.steps_per_trial=2",
+                    steps=100, tuner=True)
     rec = run_recorded(cfg, monkeypatch)
     threads = rec.per_epoch("threads")
-    assert threads[0] == {1, 2}, "by day the tuner tries both counts"  # a round is under way at the switch
+    assert threads[0] == {1, 2}, "by day the tuner tries both counts"
     assert threads[1] == {1} and rec.per_epoch("cpus")[1] == {1}, rec.rows
     assert rec.per_epoch("cpus")[2] == {2} and threads[2] <= {1, 2}
     assert "CPU threads:" in caplog.text  # a round finished by day

@@ -164,12 +164,12 @@ def test_loader_state_continues_mid_epoch_at_epoch_end_and_with_another_batch_si
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_processes_sees_each_window_once(monkeypatch, before, after):
     """Ranks are simulated by setting what the sampler reads from torch.distributed; the loaders are real."""
-    from lingmao.data import EpochShuffleSampler, ResumableDataLoader
+    from lingmao.data import EpochShuffleSampler, ResumableDataLoader, windows
 
     def loaders(world: int, state: dict | None = None) -> list:
         out = []
         for rank in range(world):
-            monkeypatch.setattr(EpochShuffleSampler, "_rank_and_world", staticmethod(lambda r=rank, w=world: (r, w)))
+            monkeypatch.setattr(windows, "rank_and_world", lambda r=rank, w=world: (r, w))
             loader = ResumableDataLoader(list(range(60)), batch_size=4, sampler=EpochShuffleSampler(60, seed=3))
             if state is not None:
                 loader.load_state_dict(state)
@@ -180,7 +180,7 @@ def test_resume_on_another_number_of_processes_sees_each_window_once(monkeypatch
     def take(group, batches: int) -> tuple[list[int], dict]:
         seen, state = [], None
         for rank, world, loader, it in group:
-            monkeypatch.setattr(EpochShuffleSampler, "_rank_and_world", staticmethod(lambda r=rank, w=world: (r, w)))
+            monkeypatch.setattr(windows, "rank_and_world", lambda r=rank, w=world: (r, w))
             for _ in range(batches):
                 seen += next(it).tolist()
             if rank == 0:
@@ -191,6 +191,6 @@ def test_resume_on_another_number_of_processes_sees_each_window_once(monkeypatch
     assert state["world_size"] == before and state["done"] == 3 * 4 * before
     rest = []
     for rank, world, _loader, it in loaders(after, state):
-        monkeypatch.setattr(EpochShuffleSampler, "_rank_and_world", staticmethod(lambda r=rank, w=world: (r, w)))
+        monkeypatch.setattr(windows, "rank_and_world", lambda r=rank, w=world: (r, w))
         rest += [i for batch in it for i in batch.tolist()]
     assert sorted(first + rest) == list(range(60))  # every window of the epoch, each exactly once

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lingmao.config import CONF_DIR
-from lingmao.data import LMDataModule, iter_documents
+from lingmao.data import DataConfig, LMDataModule, iter_documents
 from lingmao.errors import LingmaoError
 from tests.conftest import SAMPLE, cut_corpus, run_module, tiny_overrides
 
@@ -29,8 +29,9 @@ def corpus_with_repeats(path: Path, n: int = 300, repeats: int = 60) -> list[str
 
 
 def datamodule(train: Path, tmp_path: Path, **options) -> LMDataModule:
-    dm = LMDataModule(str(train), None, str(tmp_path / "tok.json"), context_length=16, batch_size=2,
-                      cache_dir=str(tmp_path / "cache"), **options)
+    cfg = DataConfig(train_file=str(train), tokenizer_path=str(tmp_path / "tok.json"), context_length=16,
+                     batch_size=2, **options)
+    dm = LMDataModule(cfg, cache_dir=tmp_path / "cache")
     dm.setup("fit")
     return dm
 
@@ -74,9 +75,9 @@ def split_documents(tokens: list[int], tok) -> list[list[int]]:
 
 SPLIT_SCRIPT = """
 import json, sys
-from lingmao.data import LMDataModule
-dm = LMDataModule(sys.argv[1], None, sys.argv[2], context_length=16, batch_size=2, cache_dir=sys.argv[3],
-                  val_fraction=0.2)
+from lingmao.data import DataConfig, LMDataModule
+cfg = DataConfig(train_file=sys.argv[1], tokenizer_path=sys.argv[2], context_length=16, batch_size=2, val_fraction=0.2)
+dm = LMDataModule(cfg, cache_dir=sys.argv[3])
 dm.setup("fit")
 print(json.dumps(dm.val_set.tokens(0, dm.val_set.num_tokens).tolist()))
 """

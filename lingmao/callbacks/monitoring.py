@@ -5,8 +5,8 @@ Per-step cost is a few integer additions: timings, norms and conversions to Pyth
 logging steps (every `trainer.log_every_n_steps` optimizer steps), where Lightning synchronises with the
 device anyway.
 
-MFU = achieved model FLOP/s / the device's peak FLOP/s at the run's precision (Lightning's table,
-`get_available_flops`; `logger.peak_tflops` overrides it). A training step costs `model.flops_per_token(T)`
+MFU = achieved model FLOP/s / the device's dense peak FLOP/s at the run's precision (`lingmao.peak_flops`, the
+table the benchmarks use too; `logger.peak_tflops` overrides it). A training step costs `model.flops_per_token(T)`
 FLOPs per token: 6 N + 12 L T d, the PaLM paper's count (appendix B).
 """
 
@@ -19,13 +19,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import grad_norm
 
-log = logging.getLogger("lingmao.progress")
+from lingmao.peak_flops import peak_tflops
 
-_PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": "tfloat32", "64": torch.float64}
+log = logging.getLogger("lingmao.progress")
 
 
 def logs_this_step(trainer: L.Trainer | None) -> bool:
@@ -36,15 +35,6 @@ def logs_this_step(trainer: L.Trainer | None) -> bool:
     if trainer is None:
         return True
     return trainer.fast_dev_run or (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
-
-
-def precision_dtype(precision: str, matmul_precision: str | None = None) -> torch.dtype | str:
-    """The dtype of a run's matrix multiplies, as Lightning's peak-FLOP table names it."""
-    key = str(precision).split("-")[0]
-    dtype = _PRECISION_DTYPES.get(key, torch.float32)
-    if dtype == "tfloat32" and torch.get_float32_matmul_precision() == "highest":
-        return torch.float32
-    return dtype
 
 
 class TrainingMonitor(L.Callback):
@@ -67,7 +57,6 @@ class TrainingMonitor(L.Callback):
         self.wall_before = 0.0
         self.session = 1
         self.best: dict[str, float] = {}
-        self.last_val_step = -1  # the step of the latest validation
         # This process only.
         self.session_tokens = 0
         self.session_seconds = 0.0
@@ -122,11 +111,12 @@ class TrainingMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = trainer.strategy.root_device
         if device.type == "cuda":
-            flops = get_available_flops(device, precision_dtype(trainer.precision))
-            self.peak_flops = self.peak_override * 1e12 if self.peak_override else flops
+            name = torch.cuda.get_device_name(device)
+            peak = self.peak_override or peak_tflops(name, trainer.precision, torch.get_float32_matmul_precision())
+            self.peak_flops = peak * 1e12 if peak else None
             if self.peak_flops is None:
-                log.info("%s is not in Lightning's peak-FLOP table: logging achieved TFLOP/s without MFU "
-                         "(set logger.peak_tflops to get MFU)", torch.cuda.get_device_name(device))
+                log.info("%s at %s is not in lingmao's peak-FLOP table: logging achieved TFLOP/s without MFU "
+                         "(set logger.peak_tflops to get MFU)", name, trainer.precision)
             torch.cuda.reset_peak_memory_stats(device)
         self._last_step = trainer.global_step
         self._window_start = self._paused_at = time.perf_counter()  # the window opens at the first batch
@@ -220,7 +210,6 @@ class TrainingMonitor(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.last_val_step = trainer.global_step
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.latest.update(metrics)
         loss = metrics.get("val/loss")

@@ -1,38 +1,35 @@
 """Night mode: between `night.start` and `night.end` (local time) the run slows down and leaves the machine quieter.
 
-While the window holds: smaller batches (`batch_size_factor`), a lower learning rate (`lr_factor`), and process
-limits: on CPU fewer torch threads and CPU cores (`cpu_fraction`), on CUDA a smaller share of the GPU memory
-(`gpu_memory_fraction`), on MPS a lower MPS memory limit and fewer threads. The clock is read at the start of
-training and at every epoch boundary (and every `check_every_n_steps` optimizer steps for the limits only), so a
-run that spans the evening enters and leaves night mode on its own. Batch size, accumulation and learning rate
-change only at epoch boundaries; the train DataLoader is rebuilt there when the batch size changes.
+This module decides when it is night and applies the night's settings through public hooks: the batch size
+(the datamodule's `batch_size`, read when the train loader is built), the learning rate
+(`LingmaoLM.set_lr_scale`), and a share of the machine (`lingmao.hardware.ProcessLimits`: CPU threads and
+cores, or CUDA / MPS memory). The clock is read at the start of training and at every epoch boundary (and every
+`check_every_n_steps` optimizer steps for the limits only), so a run that spans the evening enters and leaves
+night mode on its own. Batch size, accumulation and learning rate change only at epoch boundaries; the train
+DataLoader is rebuilt there when the batch size changes.
 
-Nothing is taken from the checkpoint: a resumed run applies the state for the time it resumes at.
+Nothing is taken from the checkpoint but the record of what night mode changed (for the run summary): a resumed
+run applies the state for the time it resumes at.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning as L
-import torch
-from omegaconf import ListConfig, OmegaConf
 
 from lingmao.callbacks.monitoring import logs_this_step
 from lingmao.checks import check_fields, number
 from lingmao.errors import LingmaoError
+from lingmao.hardware import ProcessLimits
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], dt.time]
-
-# torch's default MPS limit when PYTORCH_MPS_HIGH_WATERMARK_RATIO is not set (see torch.mps docs).
-MPS_DEFAULT_HIGH_WATERMARK = 1.7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,39 +80,18 @@ class NightWindow:
         return f"{self.start.isoformat('minutes')}-{self.end.isoformat('minutes')}"
 
 
-def real_clock() -> dt.time:
+def local_time() -> dt.time:
+    """The local time of day: night mode's clock unless `night.now` fixes one."""
     return dt.datetime.now().time()
 
 
-class ScriptedClock:
-    """A clock that says `times[0]` at the first reading, `times[1]` at the second, ... and then keeps
-    saying the last one (`night.now: ["21:59", "22:00"]`: day for the first epoch, night from the second)."""
-
-    def __init__(self, times: Sequence[dt.time]) -> None:
-        if not times:
-            raise ValueError("ScriptedClock needs at least one time")
-        self.times = list(times)
-        self.readings = 0
-
-    def __call__(self) -> dt.time:
-        t = self.times[min(self.readings, len(self.times) - 1)]
-        self.readings += 1
-        return t
-
-
 def make_clock(now: Any) -> Clock:
-    """`night.now`: null = the real local time; "23:30" = always 23:30; a list = one time per reading."""
-    if now is None:
-        return real_clock
-    if isinstance(now, ListConfig):
-        now = OmegaConf.to_container(now)
-    if isinstance(now, (list, tuple)):
-        if not now:
-            raise LingmaoError("night.now: an empty list; give a time like \"23:30\", a list of times, or null")
-        return ScriptedClock([parse_time(v, f"night.now[{i}]") for i, v in enumerate(now)])
+    """`night.now`: null = the local time; "23:30" = always 23:30 (to try night mode in the daytime)."""
+    if isinstance(now, Sequence) and not isinstance(now, str):
+        raise LingmaoError('night.now: one time of day like "23:30" (or null for the local clock), not a list')
     fixed = parse_time(now, "night.now")
     if fixed is None:
-        return real_clock
+        return lambda: local_time()  # looked up at each reading
     return lambda: fixed
 
 
@@ -130,7 +106,7 @@ class NightConfig:
     enabled: bool = True
     start: str | None = "22:00"  # local time, quoted in YAML; end before start = the window crosses midnight
     end: str | None = "07:00"  # start == end or null = an empty window: never night
-    now: Any = None  # null = the local clock; "23:30" = pretend it is 23:30; ["21:59", "22:00"] = one per check
+    now: Any = None  # null = the local clock; "23:30" = pretend it is 23:30
     batch_size_factor: float = number(0.5, gt=0, le=1)  # batch size x this (never below 1)
     lr_factor: float = number(0.75, gt=0)
     keep_effective_batch: bool = False  # false = fewer samples per step; true = accumulate more batches instead
@@ -158,100 +134,14 @@ def night_accumulation(day_batch: int, day_accumulation: int, night_batch: int) 
 
 
 # ----------------------------------------------------------------------------------------------
-# Process limits: threads / CPU affinity / GPU memory
-# ----------------------------------------------------------------------------------------------
-def _thread_ids() -> list[int]:
-    """Every thread of this process (Linux affinity is per thread; new threads inherit it)."""
-    try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        return [0]
-
-
-def _set_affinity(cpus: set[int]) -> None:
-    for tid in _thread_ids():
-        try:
-            os.sched_setaffinity(tid, cpus)
-        except OSError:  # a thread that just ended, or not permitted
-            pass
-
-
-class ProcessLimits:
-    """Applies and lifts the limits of night mode for one device type.
-
-    cpu:  torch intra-op threads x cpu_fraction, and the process's CPU affinity where the OS has it (Linux).
-    cuda: torch.cuda.set_per_process_memory_fraction on the run's device (never above a hardware cap), and
-          the cached blocks are released so the memory really goes back.
-    mps:  torch.mps.set_per_process_memory_fraction (a share of Metal's recommended working set) and fewer
-          torch threads; macOS has no CPU affinity call.
-    """
-
-    def __init__(self, cpu_fraction: float, gpu_memory_fraction: float, base_gpu_fraction: float | None = None):
-        self.cpu_fraction = cpu_fraction
-        self.gpu_memory_fraction = gpu_memory_fraction
-        self.base_gpu_fraction = base_gpu_fraction
-        self.device = torch.device("cpu")
-        self.day_threads = torch.get_num_threads()
-        self.day_cpus: set[int] | None = None
-        self.active = False
-
-    def capture(self, device: torch.device) -> None:
-        """Remember the day settings (call before applying)."""
-        self.device = device
-        self.day_threads = torch.get_num_threads()
-        self.day_cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-
-    @property
-    def limits_threads(self) -> bool:
-        return self.device.type in ("cpu", "mps")
-
-    def _gpu_fraction(self, night: bool) -> float:
-        base = self.base_gpu_fraction if self.base_gpu_fraction is not None else 1.0
-        return min(base, self.gpu_memory_fraction) if night else base
-
-    def set(self, night: bool) -> list[str]:
-        """Apply (night=True) or lift the limits; return what changed, as short phrases for the log."""
-        if night == self.active:
-            return []
-        self.active = night
-        changes: list[str] = []
-        if self.limits_threads:
-            before = torch.get_num_threads()
-            after = max(1, int(self.day_threads * self.cpu_fraction)) if night else self.day_threads
-            torch.set_num_threads(after)
-            changes.append(f"threads {before}->{after}")
-            if self.day_cpus is not None and hasattr(os, "sched_setaffinity") and len(self.day_cpus) > 1:
-                cpus = (set(sorted(self.day_cpus)[: max(1, int(len(self.day_cpus) * self.cpu_fraction))])
-                        if night else self.day_cpus)
-                before_cpus = len(os.sched_getaffinity(0))
-                _set_affinity(cpus)
-                changes.append(f"cpus {before_cpus}->{len(cpus)}")
-        if self.device.type == "cuda":
-            before_f, after_f = self._gpu_fraction(not night), self._gpu_fraction(night)
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            torch.cuda.set_per_process_memory_fraction(after_f, index)
-            if night:
-                torch.cuda.empty_cache()
-            changes.append(f"gpu memory {before_f:.0%}->{after_f:.0%}")
-        elif self.device.type == "mps":
-            # hardware.gpu_memory_fraction is a CUDA cap; MPS's day limit is torch's own.
-            day = float(os.environ.get("PYTORCH_MPS_HIGH_WATERMARK_RATIO", MPS_DEFAULT_HIGH_WATERMARK))
-            after_f = min(day, self.gpu_memory_fraction) if night else day
-            torch.mps.set_per_process_memory_fraction(after_f)
-            if night:
-                torch.mps.empty_cache()
-            changes.append(f"mps memory limit x{after_f:g}")
-        return changes
-
-
-# ----------------------------------------------------------------------------------------------
 # The callback
 # ----------------------------------------------------------------------------------------------
 class NightMode(L.Callback):
     """Reads the clock at the start and at every epoch boundary and switches night mode on or off.
 
     Disabled (`enabled=False`), it only resets the learning-rate scale a checkpoint may carry from a night.
-    Logs the metric `night` (1 while the night limits hold) every training step.
+    Logs the metric `night` (1 while the night limits hold) every training step, and keeps a record of every
+    switch (`history`, saved in checkpoints) for the run summary (`summary_rows`).
     """
 
     def __init__(
@@ -267,9 +157,13 @@ class NightMode(L.Callback):
         self.night = False  # batch size, accumulation and learning rate are the night's
         self.day_batch: int | None = None
         self.day_accumulation = 1
+        # What changed, step by step: {"step", "night", "limits" (the state after it), "changes"}; step None =
+        # at the start of training (the step is known once a checkpoint is restored).
+        self.history: list[dict[str, Any]] = []
         self._datamodule: Any = None
         self._user_reload = 0
         self._last_checked_step = -1
+        self._restored = 0  # events of the history that came from the checkpoint
 
     # -- reading the clock ---------------------------------------------------------------------
     def _is_night(self, trainer: L.Trainer) -> tuple[bool, dt.time]:
@@ -313,6 +207,53 @@ class NightMode(L.Callback):
         if new_batch is not None:
             changes.append(f"samples/step {old_batch * old_acc}->{new_batch * new_acc}")
         log.info("night mode %s (%s): %s", "on" if night else "off", now.isoformat("minutes"), ", ".join(changes))
+        self._record(None if pl_module is None else trainer.global_step, changes)
+
+    def _set_limits(self, trainer: L.Trainer, night: bool, now: dt.time, note: str = "") -> None:
+        """Move the thread / memory limits alone."""
+        changes = self.limits.set(night)
+        if changes:
+            log.info("night mode limits %s (%s): %s%s", "on" if night else "off", now.isoformat("minutes"),
+                     ", ".join(changes), note)
+            self._record(trainer.global_step, changes)
+
+    def _record(self, step: int | None, changes: list[str]) -> None:
+        shown = [c for c in changes if not c.startswith(("samples/step", "cpus"))]
+        self.history.append({"step": step, "night": self.night, "limits": self.limits.active,
+                             "changes": ", ".join(shown)})
+
+    # -- what the run summary says -------------------------------------------------------------
+    def summary_rows(self, last_step: int) -> list[str]:
+        """One line per stretch of the run that night mode changed: from which step to which, and what, e.g.
+        `steps 0-135 (the end): batch 16->8, lr x0.75, threads 2->1`. Empty when it changed nothing."""
+        spans: list[dict[str, Any]] = []
+        for event in self.history:
+            step = int(event["step"] or 0)
+            open_span = spans[-1] if spans and spans[-1]["end"] is None else None
+            if event["night"] or event["limits"]:
+                if open_span is None:
+                    open_span = {"start": step, "end": None, "changes": [], "seen": set()}
+                    spans.append(open_span)
+                if event["changes"] not in open_span["seen"]:  # a resumed night repeats its switch
+                    open_span["seen"].add(event["changes"])
+                    at = "" if step == open_span["start"] else f" (from step {step})"
+                    open_span["changes"].append(event["changes"] + at)
+            elif open_span is not None:
+                open_span["end"] = step
+        lines = []
+        for span in spans:
+            end = f"{span['end']}" if span["end"] is not None else f"{last_step} (the end)"
+            lines.append(f"steps {span['start']}-{end}: {'; '.join(span['changes'])}")
+        return lines
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(e) for e in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Restored after setup: the earlier processes' record comes first.
+        saved = [dict(e) for e in state_dict.get("history", [])]
+        self.history = saved + self.history
+        self._restored = len(saved)
 
     # -- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -325,6 +266,7 @@ class NightMode(L.Callback):
         self.day_accumulation = int(trainer.accumulate_grad_batches)
         self._user_reload = trainer.reload_dataloaders_every_n_epochs
         self.night = False
+        self.history, self._restored = [], 0
         if not self.enabled:
             return
         if self.day_batch is None:
@@ -338,6 +280,14 @@ class NightMode(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the checkpoint is restored: its schedule may carry the scale of another time of day.
         _set_lr_scale(pl_module, self.lr_scale())
+        for event in self.history:
+            if event["step"] is None:
+                event["step"] = trainer.global_step
+        last_saved = self.history[self._restored - 1] if self._restored else None
+        if last_saved and (last_saved["night"] or last_saved["limits"]) and not (self.night or self.limits.active):
+            # The saved run was in night mode and this process starts in the daytime.
+            self.history.insert(self._restored, {"step": trainer.global_step, "night": False, "limits": False,
+                                                 "changes": ""})
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The loader was rebuilt (if a switch asked for it) just before this hook; stop reloading.
@@ -354,10 +304,7 @@ class NightMode(L.Callback):
             return
         self._last_checked_step = step
         night, now = self._is_night(trainer)
-        changes = self.limits.set(night)
-        if changes:
-            log.info("night mode limits %s (%s): %s; batch size and lr follow at the next epoch",
-                     "on" if night else "off", now.isoformat("minutes"), ", ".join(changes))
+        self._set_limits(trainer, night, now, "; batch size and lr follow at the next epoch")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not _another_epoch_follows(trainer):
@@ -366,10 +313,7 @@ class NightMode(L.Callback):
         if night != self.night:
             self._switch(trainer, pl_module, night, now)
         else:
-            changes = self.limits.set(night)  # a step check may have moved the limits alone
-            if changes:
-                log.info("night mode limits %s (%s): %s", "on" if night else "off", now.isoformat("minutes"),
-                         ", ".join(changes))
+            self._set_limits(trainer, night, now)  # a step check may have moved the limits alone
 
     def _restore(self, trainer: L.Trainer) -> None:
         self.limits.set(False)

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -48,42 +47,22 @@ def validation_masks(files: list[TokenFile], fraction: float) -> list[np.ndarray
 class LMDataModule(L.LightningDataModule):
     """Owns the tokenizer, the token caches and the train / validation / test loaders."""
 
-    def __init__(
-        self,
-        train_file: Any,
-        test_file: Any = None,
-        tokenizer_path: str | None = None,
-        context_length: int = 256,
-        batch_size: int = 16,
-        stride: int | None = None,
-        eval_stride: int | None = None,
-        packing: bool = True,
-        text_key: str = "text",
-        template: str | None = None,
-        convert: str = "none",
-        on_bad_line: str = "error",
-        min_frequency: int = 1,
-        cache_dir: str | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
-        val_file: Any = None,
-        val_fraction: float = 0.02,
-        txt_mode: str = "block",
-    ) -> None:
+    def __init__(self, cfg: DataConfig, cache_dir: str | Path | None = None, pin_memory: bool = False,
+                 seed: int = 0) -> None:
+        """`cfg`: the `data` keys (checked when it was made). `cache_dir` is `paths.cache_dir`: token caches go
+        to its `tokens/`, a tokenizer trained here to its `tokenizers/` (unless `cfg.tokenizer_path`); None keeps
+        the tokens in memory and saves a trained tokenizer only to `cfg.tokenizer_path`. `seed` orders the
+        training windows."""
         super().__init__()
-        self.inputs = {"train": train_file, "val": val_file, "test": test_file}
+        self.cfg = cfg
+        self.inputs = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
+        tokenizer_path = cfg.tokenizer_path or (default_tokenizer_path(cfg, cache_dir) if cache_dir else None)
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
-        self.context_length = context_length
-        self.batch_size = batch_size
-        self.stride = stride or context_length
-        self.eval_stride = eval_stride or context_length
-        self.packing = packing
-        self.source = TextSource(text_key, template, convert, on_bad_line, txt_mode)
-        self.min_frequency = min_frequency
-        self.val_fraction = val_fraction
-        self.cache_dir = cache_dir
-        self.num_workers = num_workers
+        self.token_dir = Path(cache_dir) / "tokens" if cache_dir else None
+        self.batch_size = cfg.batch_size  # what the train loader uses; night mode changes it between epochs
+        self.stride = cfg.stride or cfg.context_length
+        self.eval_stride = cfg.eval_stride or cfg.context_length
+        self.source = TextSource(cfg.text_key, cfg.template, cfg.convert, cfg.on_bad_line, cfg.txt_mode)
         self.pin_memory = pin_memory
         self.seed = seed
         self.tokenizer: Tokenizer | None = None
@@ -95,6 +74,10 @@ class LMDataModule(L.LightningDataModule):
         self._entries: dict[str, list[CacheEntry]] = {}
         self._token_files: dict[str, list[TokenFile]] = {}
         self._validation_ready = False
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.context_length
 
     # ------------------------------------------------------------------------------------------
     # Files and tokens
@@ -113,7 +96,8 @@ class LMDataModule(L.LightningDataModule):
 
     def _char_entries(self, which: str) -> list[CacheEntry]:
         if which not in self._entries:
-            self._entries[which] = open_caches(self.files(which), self.source, self.cache_dir, None, self.num_workers)
+            self._entries[which] = open_caches(self.files(which), self.source, self.token_dir, None,
+                                               self.cfg.num_workers)
         return self._entries[which]
 
     def token_files(self, which: str) -> list[TokenFile]:
@@ -123,7 +107,7 @@ class LMDataModule(L.LightningDataModule):
             if self._encoder is not None:
                 files = [e.token_file(self._encoder) for e in self._char_entries(which)]
             else:  # a tokenizer the vectorised encoder does not reproduce: caches of its own ids
-                entries = open_caches(self.files(which), self.source, self.cache_dir, tok, self.num_workers)
+                entries = open_caches(self.files(which), self.source, self.token_dir, tok, self.cfg.num_workers)
                 files = [e.token_file(None) for e in entries]
             self._token_files[which] = files
         return self._token_files[which]
@@ -141,7 +125,7 @@ class LMDataModule(L.LightningDataModule):
             started = time.perf_counter()
             counts = sum(e.symbol_counts() for e in entries)
             documents = sum(int(e.meta["documents"]) for e in entries)
-            tok = train_tokenizer_from_counts(counts, documents, self.min_frequency)
+            tok = train_tokenizer_from_counts(counts, documents, self.cfg.min_frequency)
             log.info("trained a character tokenizer on %s: %d tokens in %.1f s", self.label("train"),
                      tok.get_vocab_size(), time.perf_counter() - started)
             if path is not None:
@@ -171,21 +155,11 @@ class LMDataModule(L.LightningDataModule):
         ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         return ds.tokens_per_char if ds is not None else None
 
-    def planned_steps(self, trainer_cfg: Any, accumulation: int = 1, world_size: int = 1) -> float:
-        """Optimizer steps the run will take at the day batch size (max_steps, or epochs of the training set)."""
-        totals = []
-        if trainer_cfg.max_steps and trainer_cfg.max_steps > 0:
-            totals.append(float(trainer_cfg.max_steps))
-        if trainer_cfg.max_epochs and trainer_cfg.max_epochs > 0 and self.train_set is not None:
-            per_epoch = len(self.train_set) // (self.batch_size * world_size) // max(1, accumulation)
-            totals.append(float(trainer_cfg.max_epochs * per_epoch))
-        return min(totals) if totals else float("inf")
-
     # ------------------------------------------------------------------------------------------
     # Datasets
     # ------------------------------------------------------------------------------------------
     def _windows(self, which: str, stride: int, select: list[np.ndarray] | None = None) -> WindowDataset:
-        ds = WindowDataset(self.token_files(which), self.context_length, stride, self.packing, select)
+        ds = WindowDataset(self.token_files(which), self.context_length, stride, self.cfg.packing, select)
         if ds.too_short:
             log.info(
                 "%s: %d of %d documents are shorter than context_length + 1 = %d tokens and yield no window "
@@ -197,20 +171,20 @@ class LMDataModule(L.LightningDataModule):
         return LingmaoError(
             f"{self.label(which)}: the {what} file yields no window of data.context_length + 1 = "
             f"{self.context_length + 1} tokens ({ds.num_documents} documents, {ds.num_tokens} tokens, "
-            f"packing={self.packing}); lower data.context_length or use more text"
+            f"packing={self.cfg.packing}); lower data.context_length or use more text"
         )
 
     def _setup_fit(self) -> None:
         files = self.token_files("train")
         val_masks = None
-        if not self.files("val") and self.val_fraction > 0:
-            val_masks = validation_masks(files, self.val_fraction)
+        if not self.files("val") and self.cfg.val_fraction > 0:
+            val_masks = validation_masks(files, self.cfg.val_fraction)
         train_select = [~m for m in val_masks] if val_masks is not None else None
         train = self._windows("train", self.stride, train_select)
         if train.num_documents == 0:
             raise LingmaoError(
                 f"{self.label('train')}: all {sum(tf.num_documents for tf in files)} documents fell into the "
-                f"validation split (data.val_fraction={self.val_fraction}); lower it or give data.val_file"
+                f"validation split (data.val_fraction={self.cfg.val_fraction}); lower it or give data.val_file"
             )
         if len(train) == 0:
             raise self._no_window("train", "training", train)
@@ -222,7 +196,7 @@ class LMDataModule(L.LightningDataModule):
     def _split_validation(self, files: list[TokenFile], masks: list[np.ndarray]) -> WindowDataset | None:
         total = sum(tf.num_documents for tf in files)
         chosen = int(sum(m.sum() for m in masks))
-        fraction = f"data.val_fraction={self.val_fraction}"
+        fraction = f"data.val_fraction={self.cfg.val_fraction}"
         instead = "no validation (give data.val_file or raise data.val_fraction)"
         if chosen == 0:
             log.warning("validation: %s of the %d training documents chose none; %s", fraction, total, instead)
@@ -244,7 +218,7 @@ class LMDataModule(L.LightningDataModule):
                 raise self._no_window("val", "validation", val)
             self.val_set = val
             self._validation_ready = True
-        elif self.val_fraction > 0:
+        elif self.cfg.val_fraction > 0:
             self._setup_fit()
         else:
             log.info("no validation: data.val_file is null and data.val_fraction=0")
@@ -282,16 +256,16 @@ class LMDataModule(L.LightningDataModule):
             sampler=EpochShuffleSampler(len(self.train_set), self.seed),
             drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),  # leaves the global RNG (dropout) alone
-            num_workers=self.num_workers,
+            num_workers=self.cfg.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.cfg.num_workers > 0,
         )
 
     def _eval_loader(self, dataset: WindowDataset | None) -> DataLoader | list:
         if dataset is None:
             return []  # Lightning skips validation for an empty list
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
             pin_memory=self.pin_memory,
         )
 
@@ -303,12 +277,11 @@ class LMDataModule(L.LightningDataModule):
 
 
 # ----------------------------------------------------------------------------------------------
-# From the config
+# Where a trained tokenizer is kept
 # ----------------------------------------------------------------------------------------------
-def default_tokenizer_path(data_cfg: Any, cache_dir: str | Path) -> Path:
+def default_tokenizer_path(d: DataConfig, cache_dir: str | Path) -> Path:
     """Tokenizers are keyed by the training files (path, size, time) and the text settings, so two datasets
     never share one. `cache_dir` is `paths.cache_dir`; tokenizers live in its `tokenizers/`."""
-    d = DataConfig.of(data_cfg)
     files = input_files(d.train_file, "data.train_file")
     h = hashlib.sha256()
     for path in files:
@@ -321,30 +294,3 @@ def default_tokenizer_path(data_cfg: Any, cache_dir: str | Path) -> Path:
     name = files[0].name if len(files) == 1 else f"{files[0].name}+{len(files) - 1}"
     return Path(cache_dir) / "tokenizers" / f"{name}.{h.hexdigest()[:12]}.json"
 
-
-def build_datamodule(data_cfg: Any, cache_dir: str | Path, seed: int = 0, pin_memory: bool = False) -> LMDataModule:
-    """The DataModule of a `data` config (a DataConfig, `cfg.data` or a mapping). `cache_dir` is `paths.cache_dir`:
-    token caches go to its `tokens/`, a tokenizer trained here to its `tokenizers/` (unless data.tokenizer_path)."""
-    d = DataConfig.of(data_cfg)  # checked: keys and files
-    return LMDataModule(
-        train_file=d.train_file,
-        val_file=d.val_file,
-        test_file=d.test_file,
-        tokenizer_path=str(d.tokenizer_path or default_tokenizer_path(d, cache_dir)),
-        context_length=d.context_length,
-        batch_size=d.batch_size,
-        stride=d.stride,
-        eval_stride=d.eval_stride,
-        packing=d.packing,
-        text_key=d.text_key,
-        template=d.template,
-        convert=d.convert,
-        on_bad_line=d.on_bad_line,
-        min_frequency=d.min_frequency,
-        num_workers=d.num_workers,
-        val_fraction=d.val_fraction,
-        txt_mode=d.txt_mode,
-        cache_dir=str(Path(cache_dir) / "tokens"),
-        pin_memory=pin_memory,
-        seed=seed,
-    )

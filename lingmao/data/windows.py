@@ -125,6 +125,13 @@ class WindowDataset(Dataset):
         return counts
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on (seed, epoch): the same run sees the same order.
 
@@ -148,14 +155,12 @@ class EpochShuffleSampler(Sampler[int]):
     def resume_at(self, epoch: int, skip: int) -> None:
         self._resume = (epoch, skip)
 
-    @staticmethod
-    def _rank_and_world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+    def next_start(self) -> tuple[int, int]:
+        """(epoch, done): where the next iteration begins (after `resume_at`, else at the start of `epoch`)."""
+        return self._resume if self._resume is not None else (self.epoch, 0)
 
     def __len__(self) -> int:
-        return self.length // self._rank_and_world()[1]
+        return self.length // rank_and_world()[1]
 
     def order(self, epoch: int, done: int = 0) -> list[int]:
         """This rank's indices for `epoch`, after the first `done` of the epoch's order."""
@@ -165,7 +170,7 @@ class EpochShuffleSampler(Sampler[int]):
             indices = torch.randperm(self.length, generator=g).tolist()
         else:
             indices = list(range(self.length))
-        rank, world = self._rank_and_world()
+        rank, world = rank_and_world()
         rest = indices[done:]
         return rest[rank : len(rest) // world * world : world]
 
@@ -180,10 +185,10 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader over an `EpochShuffleSampler` that knows its place in the epoch.
 
     Lightning stores `state_dict()` of a train loader that has one in every checkpoint and calls
-    `load_state_dict()` on resume, so a run stopped mid-epoch continues with exactly the batches it
-    would have seen. The place is counted in samples of the epoch handed out over all ranks (`done`), so it
-    survives a change of batch size and of the number of processes: a 2-process run resumed on 1 (or 1 on 2)
-    sees the rest of the epoch, each window once.
+    `load_state_dict()` on resume (`lingmao.compat.saves_loader_state`), so a run stopped mid-epoch continues
+    with exactly the batches it would have seen. The place is counted in samples of the epoch handed out over
+    all ranks (`done`), so it survives a change of batch size and of the number of processes: a 2-process run
+    resumed on 1 (or 1 on 2) sees the rest of the epoch, each window once.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -197,9 +202,8 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator:
         sampler: EpochShuffleSampler = self.sampler
-        resume = sampler._resume
-        self._epoch, self._start = resume if resume is not None else (sampler.epoch, 0)
-        self._position, self._world = 0, sampler._rank_and_world()[1]
+        self._epoch, self._start = sampler.next_start()
+        self._position, self._world = 0, rank_and_world()[1]
         for batch in super().__iter__():
             self._position += self.batch_size or 1
             yield batch
@@ -220,7 +224,7 @@ class ResumableDataLoader(DataLoader):
         sampler.seed = int(state["seed"])
         epoch = int(state["epoch"])
         done = int(state["done"]) if "done" in state else int(state["position"])  # checkpoints of one process
-        world = sampler._rank_and_world()[1]
+        world = rank_and_world()[1]
         if done + (self.batch_size or 1) * world > sampler.length:  # the epoch was complete: start the next one
             epoch, done = epoch + 1, 0
         sampler.resume_at(epoch, done)
