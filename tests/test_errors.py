@@ -80,7 +80,7 @@ def ws(tmp_path: Path) -> Workspace:
     (ckpts / "epoch000.ckpt").write_bytes(b"an epoch checkpoint")
     export = tmp_path / "export"
     export.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "lingmao-export.json"):
         (export / name).write_bytes(f"previous export: {name}".encode())
     cache = tmp_path / "outputs" / "cache" / "tokens"
     cache.mkdir(parents=True)
