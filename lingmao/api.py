@@ -8,7 +8,10 @@ one-line `LingmaoError`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from lingmao import names
@@ -66,14 +69,17 @@ def design_overrides(params: dict[str, Any]) -> list[str]:
     return out
 
 
-def train_model(overrides: list[str] | None = None, **params: Any) -> Any:
+def train_model(overrides: list[str] | None = None, progress: bool = True, **params: Any) -> Any:
     """Train, test and export a model; return a `lingmao.train.TrainResult` (best and last validation loss, the
     test figures, the run, checkpoint and export folders).
 
     Keyword arguments are the design's (train_file, test_file, model_save_dir, batch_size, learning_rate,
     epochs, d_model, nhead, num_layers, context_length, use_amp, accumulation_steps, night_mode, ...: see
     `PARAMETERS`); `overrides` takes any other config key as on the command line (`["model.arch=design"]`).
-    A stop by SIGINT / SIGTERM raises `lingmao.checkpointing.TrainingInterrupted` after saving a checkpoint.
+    `progress=True` prints what the command line prints as the run goes (progress lines or bar, validations,
+    the summary) on stderr, unless your logging already shows lingmao's messages; `progress=False` is silent
+    but for warnings. A stop by SIGINT / SIGTERM raises `lingmao.checkpointing.TrainingInterrupted` after
+    saving a checkpoint.
     """
     from lingmao.config import compose_config
     from lingmao.train import train
@@ -81,4 +87,39 @@ def train_model(overrides: list[str] | None = None, **params: Any) -> Any:
     args = [*design_overrides(params), *(overrides or [])]
     if not any(a.split("=", 1)[0].lstrip("+~") == "run_name" for a in args):
         args.append(f"run_name={names.run_name(None, args)}")  # as the command line names its runs
-    return train(compose_config(args))
+    if not progress:
+        args.append("trainer.enable_progress_bar=false")
+    with shown_messages() if progress else contextlib.nullcontext():
+        return train(compose_config(args))
+
+
+@contextlib.contextmanager
+def shown_messages() -> Iterator[None]:
+    """lingmao's messages on stderr for the duration, as the command line shows them (Hydra's logging setup),
+    when the caller's logging would not show them; nothing changes when it already does."""
+    logger = logging.getLogger("lingmao")
+    if logger.isEnabledFor(logging.INFO) and _has_handler(logger):
+        yield
+        return
+    handler = logging.StreamHandler()  # sys.stderr as it is now
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the caller's own handlers would print the lines a second time
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _has_handler(logger: logging.Logger) -> bool:
+    """Whether a handler on the way to the root (not only Python's last resort) receives the logger's records."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.handlers:
+            return True
+        current = current.parent if current.propagate else None
+    return False

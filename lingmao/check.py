@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from lingmao.cli import run_app
 from lingmao.errors import LingmaoError
+from lingmao.io import decode_utf8, input_file_problem, read_text_file
 
 log = logging.getLogger(__name__)
 MARKS = "○●◐？"  # tone-mark lines of `python -m lingmao.generate show_tones=true` are skipped
@@ -34,27 +36,32 @@ class Poem:
 
 def read_jsonl(path: Path, text_key: str, title_key: str | None, source: str | None) -> Iterator[Poem]:
     """One poem a JSON record; a bad line is a one-line error naming the file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise LingmaoError(f"{where}: invalid JSON ({str(exc).split(':')[0]})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise LingmaoError(f"{where}: no text field '{text_key}' (set text_key=...)")
-            if source is not None and record.get("source") != source:
-                continue
-            title = record.get(title_key) if title_key else None
-            yield Poem(where, record[text_key], title if isinstance(title, str) else None)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                line = decode_utf8(raw, str(path), lineno)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise LingmaoError(f"{where}: invalid JSON ({str(exc).split(':')[0]})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise LingmaoError(f"{where}: no text field '{text_key}' (set text_key=...)")
+                if source is not None and record.get("source") != source:
+                    continue
+                title = record.get(title_key) if title_key else None
+                yield Poem(where, record[text_key], title if isinstance(title, str) else None)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise LingmaoError(f"{path}: damaged gzip file ({exc}); re-create or re-download it") from None
+    except OSError as exc:
+        raise LingmaoError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
 def read_text(path: Path, separator: str) -> Iterator[Poem]:
     """Poems separated by lines starting with `separator` ("" = by blank lines); tone-mark lines are skipped."""
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text_file(path).splitlines()
     current: list[str] = []
     start = 1
     for lineno, line in enumerate([*lines, None], start=1):
@@ -78,9 +85,9 @@ def poems(cfg: DictConfig) -> Iterator[Poem]:
     if len(files) == 1 and str(files[0]).startswith("[") and str(files[0]).endswith("]"):
         files = [f.strip() for f in str(files[0])[1:-1].split(",") if f.strip()]  # a list quoted as one string
     for name in files:
-        path = Path(str(name))
-        if not path.is_file():
-            raise LingmaoError(f"file: {path}: file not found")
+        problem = input_file_problem(Path(str(name)))
+        if problem:
+            raise LingmaoError(f"file: {problem}")
     for name in files:
         path = Path(str(name))
         if path.name.endswith((".jsonl", ".jsonl.gz")):

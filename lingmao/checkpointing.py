@@ -6,7 +6,9 @@
 - `TrainingInterrupted` and `interrupts_exit_cleanly`: SIGINT / SIGTERM end a run with exit code 130 / 143
   (during training `lingmao.callbacks.fault_tolerance.SaveOnInterrupt` saves first).
 - `find_resume_checkpoint` and `check_resume_compatible`: which checkpoint a run continues from, and whether
-  it fits the model about to be trained.
+  it fits the model about to be trained. With auto-resume the candidates are `last.ckpt` and the epoch
+  checkpoints, newest first (`resume_candidates`), each judged by one function (`resume_problem`); damaged ones
+  are set aside as `<name>.damaged` and the run continues from the newest good one.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from lingmao.compat import batches_completed
 from lingmao.data.tokenizer import tokenizer_fingerprint
 from lingmao.errors import LingmaoError
 from lingmao.io import atomic_write
+from lingmao.runs import check_same_settings, config_of_checkpoint, differences
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ def checkpoint_problem(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+    except PermissionError as exc:
+        return f"{path}: cannot read the file ({exc.strerror})"
     except (zipfile.BadZipFile, OSError, EOFError):
         return f"{path}: not a checkpoint (not a torch.save archive; damaged or another kind of file)"
     if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
@@ -213,26 +219,73 @@ def interrupts_exit_cleanly() -> Iterator[None]:
 # Resuming
 # ----------------------------------------------------------------------------------------------
 def find_resume_checkpoint(resume_from: str | None, auto_resume: bool, checkpoint_dir: Path) -> Path | None:
-    """`resume_from` if given, else the run's `last.ckpt` when `auto_resume`, else None (a fresh start)."""
+    """`resume_from` if given, else the newest good checkpoint of the run when `auto_resume` (see
+    `newest_good_checkpoint`), else None (a fresh start)."""
     if resume_from:
         path = Path(resume_from)
         if not path.is_file():
             raise LingmaoError(f"resume_from: checkpoint {path} not found")
         return path
-    last = checkpoint_dir / LAST
-    if auto_resume and last.is_file():
-        return last
-    if last.is_file():
-        log.info("auto_resume=false: starting afresh; %s stays until this run saves its own", last)
+    candidates = resume_candidates(checkpoint_dir)
+    if auto_resume and candidates:
+        return newest_good_checkpoint(candidates)
+    if candidates:
+        log.info("auto_resume=false: starting afresh; %s stays until this run saves its own", candidates[0])
     return None
+
+
+def resume_candidates(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoints auto-resume may continue from, newest first: `last.ckpt` (it holds the latest step: it
+    is refreshed every few steps and at the end), then the epoch checkpoints, newest first. `crash.ckpt` only
+    by `resume_from=`: it may hold the step that crashed."""
+    epochs = sorted(checkpoint_dir.glob("epoch*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    return [p for p in (checkpoint_dir / LAST, *epochs) if p.exists()]
+
+
+def resume_problem(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (missing, damaged, not a training checkpoint), or None."""
+    try:
+        load_checkpoint_file(path)
+    except LingmaoError as exc:
+        return str(exc)
+    return None
+
+
+def newest_good_checkpoint(candidates: list[Path]) -> Path:
+    """The first of `candidates` (newest first) that `resume_problem` finds nothing wrong with; the damaged ones
+    before it are renamed `<name>.damaged` (kept, and out of the next run's way). When none is good, the newest
+    one's problem is a one-line LingmaoError and nothing is renamed."""
+    problems: list[tuple[Path, str]] = []
+    for path in candidates:
+        problem = resume_problem(path)
+        if problem is None:
+            for damaged, why in problems:
+                kept = set_aside(damaged)
+                log.warning("%s; kept as %s", why, kept.name if kept else damaged.name)
+            if problems:
+                log.warning("resuming from %s, the newest good checkpoint", path)
+            return path
+        problems.append((path, problem))
+    raise LingmaoError(f"{problems[0][1]}; {AFRESH}")
+
+
+@rank_zero_only
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged` (`<name>.N.damaged` when that is taken)."""
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{n}.damaged"), n + 1
+    os.replace(path, target)
+    return target
 
 
 def check_resume_compatible(
     path: str | Path, model_cfg: dict[str, Any], vocab_size: int, state_dict: dict[str, torch.Tensor],
-    tokenizer_fingerprint: str | None = None,
+    tokenizer_fingerprint: str | None = None, training_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stop with a `LingmaoError` listing every difference when checkpoint `path` cannot resume into a model
-    of `model_cfg` (a ModelConfig as a dict) with `state_dict`.
+    of `model_cfg` (a ModelConfig as a dict) with `state_dict` (and the settings that differ from
+    `training_config`, which explain it).
 
     Returns the checkpoint's {"epoch", "global_step", "hyper_parameters"}, for the log and the schedule check.
     """
@@ -265,23 +318,29 @@ def check_resume_compatible(
                 diffs.append(f"{key}: missing from the checkpoint")
             elif tuple(old_sd[key].shape) != tuple(state_dict[key].shape):
                 diffs.append(f"{key}: checkpoint shape {tuple(old_sd[key].shape)}, now {tuple(state_dict[key].shape)}")
+    if diffs and training_config is not None:  # the settings behind it (a template, a conversion ...)
+        diffs += [d for d in differences(config_of_checkpoint(ckpt), training_config) if d not in diffs]
     if diffs:
         shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs) - 12} more)" if len(diffs) > 12 else "")
         raise LingmaoError(f"{path} does not match this run: {shown}. Use the checkpoint's settings, or {AFRESH}")
-    return {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "hyper_parameters": hp}
+    return {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "hyper_parameters": hp,
+            "config": config_of_checkpoint(ckpt)}
 
 
 def resume_point(conf: Any, run_dir: Path, lm: Any, tokenizer: Any) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), checked against the model about to be
-    trained; says in one line how the learning-rate schedule differs from the checkpoint's run."""
+    trained and against the run's training config (`lingmao.runs`; `lm.training_config`); says in one line how
+    the learning-rate schedule differs from the checkpoint's run."""
 
     path = find_resume_checkpoint(conf.resume_from, conf.auto_resume, run_dir / "checkpoints")
     if path is None:
         return None
     at = check_resume_compatible(
         path, dict(lm.hparams["model"]), int(lm.hparams["vocab_size"]), lm.state_dict(),
-        tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint(tokenizer), lm.training_config,
     )
+    if lm.training_config is not None:
+        check_same_settings(path, at["config"], lm.training_config, conf.resume_changed == "accept")
     log.info("resuming from %s: epoch %s, step %s", path, at["epoch"], at["global_step"])
     changes = schedule_changes(at["hyper_parameters"], dict(lm.hparams))
     if changes:

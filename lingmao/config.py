@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, Vali
 
 from lingmao import names
 from lingmao.callbacks.night import NightConfig
-from lingmao.checks import check_fields, number, show
+from lingmao.checks import check_fields, choice, number, show
 from lingmao.cli import CONF_DIR, describe_hydra_error, describe_validation_error, first_line, unknown_key_message
 from lingmao.data import DataConfig
 from lingmao.errors import LingmaoError
@@ -106,6 +106,8 @@ class TrainConfig:
     run_name: str | None = None
     auto_resume: bool = True  # continue from <run dir>/checkpoints/last.ckpt when it exists
     resume_from: str | None = None  # or resume from this checkpoint
+    # A resume whose training settings differ from the checkpoint's is refused; accept = continue with the new ones.
+    resume_changed: str = choice("refuse", "refuse", "accept")
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM save a checkpoint before exiting
     checkpoint_every: int = number(1, ge=0)  # keep an epoch checkpoint every N epochs (0 = none)
     checkpoint_every_n_steps: int = number(200, ge=0)  # refresh last.ckpt every N optimizer steps (0 = epoch ends)

@@ -1,7 +1,16 @@
 """Final weights + model config + tokenizer in one folder, and loading them back (no Lightning, no Hydra).
 
-An export folder holds `model.safetensors`, `tokenizer.json` and `config.json`; other files a user puts there
-are left alone. Exporting again replaces exactly those three files:
+An export folder holds `model.safetensors`, `tokenizer.json`, `config.json` and the marker
+`lingmao-export.json`; other files a user puts there are left alone. A folder is an export because lingmao's
+marker is there, not because of its file names: a folder with a config.json of the user's own, or a Hugging Face
+model folder, is refused rather than overwritten. Exports written before the marker existed are recognised by
+their `config.json`, whose `"format"` is `lingmao-1` or `lingmao-2`.
+
+Every file is checked when loaded: `config.json` records the SHA-256 of the weights and the tokenizer, the marker
+that of `config.json`; a file that differs (new weights beside an old config, a damaged copy) is refused in one
+line. (Exports from before checksums were recorded load without the check.)
+
+Exporting again replaces exactly those four files:
 
 1. they are written into a new folder `.export-<random>` inside the target and fsynced;
 2. that folder is renamed to `.export-ready` (the commit point: from here the new export is complete on disk);
@@ -30,12 +39,13 @@ from tokenizers import Tokenizer
 
 from lingmao.data.tokenizer import load_tokenizer
 from lingmao.errors import LingmaoError
-from lingmao.io import file_mode, file_sha256, fsync_dir, fsync_file, make_temp_dir
+from lingmao.io import file_mode, file_sha256, fsync_dir, fsync_file, make_temp_dir, read_text_file
 from lingmao.model import ModelConfig, build_model
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG)  # in the order they are moved into place: config.json last
+WEIGHTS, CONFIG, TOKENIZER, MARKER = "model.safetensors", "config.json", "tokenizer.json", "lingmao-export.json"
+EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG, MARKER)  # in the order they are moved into place: the marker last
 FORMAT = "lingmao-2"
+OLD_FORMATS = ("lingmao-1", "lingmao-2")  # the config.json "format" of exports written before the marker
 READY, STAGING_PREFIX = ".export-ready", ".export-"
 DATA_KEYS = ("context_length", "text_key", "template", "convert", "txt_mode")
 
@@ -52,31 +62,32 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
 
 
 def export_problem(directory: Path) -> str | None:
-    """Why `directory` cannot receive an export, or None: it must be new, empty, hold only an export's files,
-    or be a lingmao export (whose other files are kept)."""
+    """Why `directory` cannot receive an export, or None: it must be new, empty (but for what an interrupted
+    export left), or a lingmao export (whose other files are kept)."""
     if not directory.exists():
         return None
     if not directory.is_dir():
         return f"{directory} exists and is not a directory"
     names = {p.name for p in directory.iterdir()}
-    ours = {*EXPORT_FILES, READY} | {n for n in names if n.startswith(STAGING_PREFIX)}
-    if names <= ours or is_export(directory):  # new, an export (maybe damaged), or an export with the user's files
+    leftovers = {READY} | {n for n in names if n.startswith(STAGING_PREFIX)}
+    if names <= leftovers or is_export(directory):
         return None
     return (
-        f"{directory} is a non-empty folder but not a lingmao export; an export writes "
+        f"{directory} is a non-empty folder but not a lingmao export (no {MARKER}); an export writes "
         f"{', '.join(EXPORT_FILES)} there: choose a new or empty folder"
     )
 
 
 def is_export(directory: Path) -> bool:
-    """Whether `directory` holds a lingmao export (or one being moved into place)."""
-    if (directory / READY).is_dir():
+    """Whether `directory` holds a lingmao export (or one being moved into place): it has lingmao's marker, or it
+    is an export from before the marker (its config.json names a lingmao format)."""
+    if (directory / READY).is_dir() or (directory / MARKER).is_file():
         return True
     try:
         config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "vocab_size" in config and "model" in config
+    return isinstance(config, dict) and config.get("format") in OLD_FORMATS
 
 
 def export_model(
@@ -108,6 +119,8 @@ def export_model(
             "sha256": {name: file_sha256(staging / name) for name in (WEIGHTS, TOKENIZER)},
         }
         (staging / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+        marker = {"format": FORMAT, "sha256": {CONFIG: file_sha256(staging / CONFIG)}}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
         for name in EXPORT_FILES:
             os.chmod(staging / name, file_mode())
             fsync_file(staging / name)
@@ -213,7 +226,7 @@ class LingmaoModel:
             if (d / CONFIG).is_file():
                 try:
                     config["data"] = json.loads((d / CONFIG).read_text(encoding="utf-8")).get("data") or {}
-                except ValueError:
+                except (OSError, ValueError, AttributeError):  # unreadable or not an export's: no data settings
                     pass
                 break
         return cls(model, tok, config)
@@ -226,12 +239,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Lin
         finish_export(directory)
     if not (directory / CONFIG).is_file():
         raise LingmaoError(f"{directory}: not an exported lingmao model (no {CONFIG})")
+    config = _read_json(directory / CONFIG, "damaged model config")
     try:
-        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
         vocab_size = int(config["vocab_size"])
         model_values = dict(config["model"])
     except (ValueError, KeyError, TypeError) as exc:
         raise LingmaoError(f"{directory / CONFIG}: damaged model config ({exc})") from None
+    verify_export(directory, config)
     tokenizer = load_tokenizer(directory / TOKENIZER)
     if tokenizer.get_vocab_size() != vocab_size:
         raise LingmaoError(
@@ -251,3 +265,39 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Lin
     model.to(device).eval()
     config["model"] = dataclasses.asdict(model_cfg)
     return LingmaoModel(model, tokenizer, config)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file of the export; anything else is a one-line LingmaoError saying `what`."""
+    try:
+        value = json.loads(read_text_file(path))
+    except ValueError as exc:
+        raise LingmaoError(f"{path}: {what} ({exc})") from None
+    if not isinstance(value, dict):
+        raise LingmaoError(f"{path}: {what} (not a JSON object)")
+    return value
+
+
+def verify_export(directory: Path, config: dict[str, Any]) -> None:
+    """Refuse, in one line, an export whose files are not the ones it wrote: the marker records the SHA-256 of
+    config.json, config.json those of the weights and the tokenizer (see the module docstring)."""
+    records = []
+    if (directory / MARKER).exists():
+        records.append((MARKER, _read_json(directory / MARKER, "damaged export marker").get("sha256")))
+    records.append((CONFIG, config.get("sha256") or {}))
+    for record, sums in records:
+        if not isinstance(sums, dict) or any(Path(str(n)).name != n for n in sums):
+            raise LingmaoError(f"{directory / record}: damaged checksums (sha256 is not a map of file names)")
+        for name, expected in sums.items():
+            path = directory / name
+            try:
+                actual = file_sha256(path)
+            except FileNotFoundError:
+                raise LingmaoError(f"{path}: missing ({record} records it); export the model again") from None
+            except OSError as exc:
+                raise LingmaoError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+            if actual != expected:
+                raise LingmaoError(
+                    f"{path}: not the file this export wrote (its SHA-256 differs from the one {record} records); "
+                    f"export the model again, or put back the {name} that belongs with this {record}"
+                )

@@ -1,7 +1,11 @@
-"""Crash-safe file writes: a reader sees either the old file or the complete new one, never a part.
+"""Files: crash-safe writes, and reading the small text files a user names with one-line errors.
 
-Files and folders made here get the permissions the user's umask gives new files (as `open` and `mkdir`
-would), not the private 0600 / 0700 of Python's temporary files.
+Writes: a reader sees either the old file or the complete new one, never a part. Files and folders made here
+get the permissions the user's umask gives new files (as `open` and `mkdir` would), not the private 0600 / 0700
+of Python's temporary files.
+
+Reads (`read_text_file`): a file that is missing, a directory, unreadable, empty, binary or not UTF-8 is a
+one-line `LingmaoError` naming it (and the line, for text that is not UTF-8), never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from lingmao.errors import LingmaoError
+
+NOT_UTF8_HINT = "convert the file, e.g. iconv -f GB18030 -t UTF-8"
 
 
 def _umask() -> int:
@@ -106,3 +114,44 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def input_file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file of the user's (missing, a directory, unreadable, empty), or None."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path}: file not found"
+    if path.is_dir():
+        return f"{path}: is a directory, expected a file"
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError as exc:
+        return f"{path}: cannot read the file ({exc.strerror or exc})"
+    return None if first else f"{path}: the file is empty"
+
+
+def decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
+    """`data` as UTF-8 text (a leading BOM dropped); binary data or text in another encoding is a one-line
+    LingmaoError naming `where` and, for text, the line (`data` starting at line `first_line`)."""
+    if b"\x00" in data:  # no text file holds NUL bytes; UTF-16 files and binaries do
+        raise LingmaoError(f"{where}: a binary file, not UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + first_line
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1)
+        raise LingmaoError(f"{where}:{line}: not UTF-8 (byte {column}); {NOT_UTF8_HINT}") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of a file the user named (see the module docstring for the one-line errors)."""
+    path = Path(path)
+    problem = input_file_problem(path)
+    if problem:
+        raise LingmaoError(problem)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LingmaoError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    return decode_utf8(data, str(path))

@@ -2,9 +2,14 @@
 
 The learning rate is set before every optimizer step from the config this run was started with: warm-up,
 then cosine decay to a floor, over the run's progress (steps of `trainer.max_steps`, or epochs of
-`trainer.max_epochs`, whichever ends the run first), times night mode's factor. Nothing of it is restored
-from a checkpoint, so a resumed run follows the schedule its own command describes (raising
-`trainer.max_steps` to continue a finished run stretches the cosine to the new end).
+`trainer.max_epochs`, whichever ends the run first), times night mode's factor. A resumed run follows the
+schedule its own command describes (raising `trainer.max_steps` to continue a finished run stretches the cosine
+to the new end), with one thing kept from the checkpoint: the warm-up is the run's first, never longer, so a
+resumed run never warms up again (docs/training.md).
+
+Checkpoints also record the run's training config (`lingmao.runs`); a resume that was allowed to change the
+optimizer (`resume_changed=accept`) starts the optimizer state afresh, and other accepted changes (weight decay,
+betas, ...) take effect instead of being replaced by the checkpoint's values.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from lingmao.callbacks.monitoring import logs_this_step
+from lingmao.checkpointing import META_KEY
 from lingmao.model import ModelConfig, build_model
 from lingmao.optim import OptimConfig, apply_schedule, build_optimizer, group_schedule
 
@@ -43,6 +49,9 @@ class LingmaoLM(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=pad_id)
         self.lr_scale = 1.0  # night mode's factor
         self.warmup_cap: int | None = None  # a short run's shorter warm-up (see fit_warmup)
+        self.warmup_limit: int | None = None  # the warm-up of the run's first session, from its checkpoint
+        self.training_config: dict[str, Any] | None = None  # recorded in every checkpoint (lingmao.runs)
+        self.batches_trained = 0  # by this process
         self.val_tokens_per_char: float | None = None  # of the validation set, for val/bpc
         self.last_val_step = -1  # the optimizer step of the latest validation in this process
         # A compiled *function*, not a wrapped module: state_dict keys stay the same with compile on or off.
@@ -126,10 +135,63 @@ class LingmaoLM(L.LightningModule):
             done.append((t.current_epoch + batch_idx / batches) / t.max_epochs)
         return max(done) if done else 0.0
 
+    def warmup_bound(self) -> int | None:
+        """The longest warm-up any group may have: a short run's cap, or the run's first warm-up (None: none)."""
+        bounds = [x for x in (self.warmup_cap, self.warmup_limit) if x is not None]
+        return min(bounds) if bounds else None
+
+    def warmup_steps(self, configured: int) -> int:
+        """A group's warm-up: as configured, but never longer than `warmup_bound`."""
+        bound = self.warmup_bound()
+        return configured if bound is None else min(configured, bound)
+
+    def run_warmup(self) -> int:
+        """The longest warm-up any parameter group of this run uses."""
+        cfg = self.optim_config
+        configured = [cfg.warmup_steps]
+        if cfg.name == "muon" and cfg.muon.warmup_steps is not None:
+            configured.append(cfg.muon.warmup_steps)
+        return max(self.warmup_steps(w) for w in configured)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches_trained += 1
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.setdefault(META_KEY, {})
+        meta["warmup_steps"] = self.run_warmup()
+        if self.training_config is not None:
+            meta["config"] = self.training_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        warmup = (checkpoint.get(META_KEY) or {}).get("warmup_steps")
+        if isinstance(warmup, int):
+            self.warmup_limit = warmup
+        self._fit_optimizer_state(checkpoint)
+
+    def _fit_optimizer_state(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint's optimizer state fit this run's optimizer: another optimizer (an accepted
+        `optim.name` change) starts afresh; otherwise the groups take this run's settings (weight decay, betas,
+        momentum ...), since loading a state would put the checkpoint's back."""
+        states = checkpoint.get("optimizer_states") or []
+        before = ((checkpoint.get("hyper_parameters") or {}).get("optim") or {}).get("name")
+        if not states:
+            return
+        if before is not None and before != self.optim_config.name:
+            log.warning("optim.name %s -> %s: the optimizer state of the checkpoint does not carry over; the new "
+                        "optimizer starts afresh", before, self.optim_config.name)
+            checkpoint["optimizer_states"] = []  # Lightning loads one state per optimizer: none
+            return
+        saved, fresh = states[0], build_optimizer(self.model, self.optim_config).state_dict()
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not groups or [len(g["params"]) for g in groups] != [len(g["params"]) for g in fresh["param_groups"]]:
+            return  # another layout (e.g. sharded): left to Lightning
+        for old, new in zip(groups, fresh["param_groups"], strict=True):
+            old.update({k: v for k, v in new.items() if k != "params"})
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step, progress, total = self.trainer.global_step, self.progress(batch_idx), self.total_steps()
         for optimizer in self.trainer.optimizers:
-            apply_schedule(optimizer, self._schedules, step, total, progress, self.warmup_cap, self.lr_scale)
+            apply_schedule(optimizer, self._schedules, step, total, progress, self.warmup_bound(), self.lr_scale)
 
     def on_train_start(self) -> None:
         # The loaders exist and night mode has chosen its batch: the steps counted are those the run will take.

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import logging
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lingmao.errors import LingmaoError
+from lingmao.io import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +65,13 @@ def read_metrics(path: str | Path, name: str | None = None) -> RunMetrics:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.csv (is this a run directory?)")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = _rows_without_repeats(list(csv.DictReader(f)))
+    if not path.exists():
+        raise LingmaoError(f"{path}: no metrics.csv (is this a run directory?)")
+    text = read_text_file(path)  # a directory, unreadable, empty, binary, not UTF-8: one line
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if "step" not in (reader.fieldnames or []):
+        raise LingmaoError(f"{path}: not a metrics.csv written by lingmao (no 'step' column)")
+    rows = _rows_without_repeats(list(reader))
     run = RunMetrics(name or path.parent.name)
     for row in rows:
         step = int(float(row["step"]))
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = plot_runs(args.run_dirs, args.output, args.output_dir)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (LingmaoError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)

@@ -11,9 +11,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from lingmao import cli, config, distributed, report, sweep
+from lingmao import cli, config, distributed, report, runs, sweep
 from lingmao.callbacks import instantiate_callbacks
 from lingmao.callbacks.monitoring import TrainingMonitor
 from lingmao.checkpointing import AtomicCheckpointIO, TrainingInterrupted, interrupts_exit_cleanly, resume_point
@@ -43,16 +44,30 @@ class TrainResult:
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    """Train, test and export one run (docs/training.md); `cfg` is the composed config of conf/train.yaml."""
+    """Train, test and export one run (docs/training.md); `cfg` is the composed config of conf/train.yaml.
+
+    A run that stops before its first training step (a bad file, a refused resume, Ctrl-C while tokenizing)
+    removes what it made in its run folder, and only that (`lingmao.runs.RunFolder`)."""
+    folder = runs.RunFolder()
+    try:
+        return _train(cfg, folder)
+    except BaseException:
+        folder.remove_what_this_run_made()
+        raise
+
+
+def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
     conf = config.validate(cfg)  # before anything is read or written: a mistake costs milliseconds
     L.seed_everything(conf.seed, workers=True)
     configure_process(conf.hardware)
     accelerator = resolve_accelerator(conf.hardware.accelerator)
     run_dir = Path(conf.paths.run_dir)
     log.info("run directory: %s", run_dir)
-    report.announce_config(cfg, run_dir, conf.logger.print_config)
+    if conf.logger.print_config:  # saved to the run folder once the run is sure to train (runs.record)
+        rank_zero_only(log.info)("%s", report.config_tree(cfg))
     if (done := sweep.finished_result(run_dir, cfg)) is not None:
         return TrainResult(run_dir, done.global_step, done.best_val_loss, done.last_val_loss, finished_before=True)
+    folder.open(run_dir)
 
     dm = LMDataModule(conf.data, conf.paths.cache_dir, pin_memory=accelerator == "cuda", seed=conf.seed)
     tokenizer = dm.prepare_tokenizer()
@@ -61,6 +76,8 @@ def train(cfg: DictConfig) -> TrainResult:
     lm = LingmaoLM(dataclasses.asdict(conf.model), dataclasses.asdict(conf.optim), tokenizer.get_vocab_size(),
                    dm.special_ids["pad"], schedule)
     lm.val_tokens_per_char = dm.tokens_per_char("val")
+    lm.training_config = runs.training_config(cfg)
+    folder.watch(lm)
     log.info("model: %s (%s), %.2f M parameters (%.2f M without the embedding), vocabulary %d", conf.model.name,
              getattr(conf.model, "arch", "design"), lm.model.num_parameters() / 1e6,
              lm.model.num_parameters(True) / 1e6, tokenizer.get_vocab_size())
@@ -79,6 +96,7 @@ def train(cfg: DictConfig) -> TrainResult:
            "limit_val_batches": conf.trainer.limit_val_batches if dm.has_val else 0},
     )
     ckpt_path = resume_point(conf, run_dir, lm, tokenizer)
+    runs.record(cfg, run_dir, lm.training_config)
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
     if dm.has_val and trainer.limit_val_batches and lm.last_val_step != trainer.global_step:

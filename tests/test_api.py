@@ -85,6 +85,27 @@ def test_the_design_resume_example_continues_the_same_run(small_corpus, tmp_path
     assert torch.load(again.checkpoint, weights_only=True)["global_step"] == 6
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("progress", [True, False])
+def test_train_model_prints_the_command_lines_progress(small_corpus, tmp_path, capsys, progress):
+    """The progress lines of the command line (no terminal here: one line every N steps), the validations and
+    the summary; none of them with progress=False."""
+    from tests.conftest import tiny_overrides
+
+    train, test = small_corpus
+    overrides = [*tiny_overrides(tmp_path, train, test, steps=4), "logger.progress_every_n_steps=2",
+                 "trainer.val_check_interval=4", "export=false", "run_test=false"]
+    overrides.remove("trainer.enable_progress_bar=false")
+    train_model(overrides=overrides, progress=progress)
+    err = capsys.readouterr().err
+    lines = ["step 2/4 (50%) | epoch 0", "step 4/4 (100%) | epoch 0", "validation at step 4: loss ",
+             "run summary"]
+    if progress:
+        assert all(line in err for line in lines), err[-3000:]
+    else:
+        assert not any(line in err for line in lines), err[-3000:]
+
+
 BLOCKER = textwrap.dedent("""
     import importlib.abc, sys
     class Blocked(importlib.abc.MetaPathFinder):

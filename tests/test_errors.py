@@ -77,7 +77,7 @@ def ws(tmp_path: Path) -> Workspace:
     (ckpts / "epoch000.ckpt").write_bytes(b"an epoch checkpoint")
     export = tmp_path / "export"
     export.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "lingmao-export.json"):
         (export / name).write_bytes(f"previous export: {name}".encode())
     cache = tmp_path / "outputs" / "cache" / "tokens"
     cache.mkdir(parents=True)
@@ -331,3 +331,191 @@ def test_entry_point_exit_code_and_message(cli_results, name: str) -> None:
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in output, output[-2000:]
     w.assert_untouched()
+
+
+# ----------------------------------------------------------------------------------------------
+# A run that fails before its first step leaves no run folder
+# ----------------------------------------------------------------------------------------------
+def _entries(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    pytest.param("data.train_file={gbk}", "g.jsonl:2: not UTF-8", id="while-reading"),
+    pytest.param("data.batch_size=4000", "fewer than data.batch_size", id="inside-fit"),
+])
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(conf, ws: Workspace, extra, expected) -> None:
+    """A new run's folder goes away; in an existing run's folder only what this run added goes, and what was there
+    stays as it was."""
+    from lingmao.train import train
+
+    gbk = ws.write("g.jsonl", NOT_UTF8)
+    runs_dir = ws.root / "outputs" / "runs"
+    base = [o for o in ws.overrides() if not o.startswith(("run_name=", "model_save_dir="))]
+    args = [*base, extra.format(gbk=gbk), "export=false"]
+    ws.snapshot()
+    existing = _entries(runs_dir / "t")
+    with pytest.raises(LingmaoError, match=expected):
+        train(compose_config([*args, "run_name=new"]))
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["t"]
+    with pytest.raises(LingmaoError, match=expected):
+        train(compose_config([*args, "run_name=t", "auto_resume=false"]))
+    assert _entries(runs_dir / "t") == existing
+    ws.assert_untouched()
+
+
+# ----------------------------------------------------------------------------------------------
+# One line from every app for a bad file: not UTF-8, binary, empty, a directory, unreadable
+# ----------------------------------------------------------------------------------------------
+BAD_FILES: dict[str, bytes | None] = {
+    "gbk": "床前明月光\n疑是地上霜\n".encode("gbk"),
+    "binary": bytes(range(256)) * 4,
+    "empty": b"",
+    "directory": None,
+    "unreadable": '{"text": "床前明月光"}\n'.encode(),
+}
+
+
+def _unreadable_files_are_unreadable() -> bool:
+    """False where this process reads a file of mode 000 anyway (root, or CAP_DAC_OVERRIDE)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_bytes(b"x")
+        probe.chmod(0)
+        try:
+            probe.read_bytes()
+        except PermissionError:
+            return True
+        return False
+
+
+CAN_HIDE = _unreadable_files_are_unreadable()
+
+
+def bad_file(root: Path, kind: str, name: str) -> Path:
+    path = root / kind / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if BAD_FILES[kind] is None:
+        path.mkdir()
+    else:
+        path.write_bytes(BAD_FILES[kind])
+        if kind == "unreadable":
+            path.chmod(0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_export(tmp_path_factory) -> Path:
+    from lingmao.data.tokenizer import train_tokenizer
+    from lingmao.export import export_model
+    from lingmao.model import ModelConfig, build_model
+
+    tok = train_tokenizer(["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"])
+    cfg = ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, max_len=64)
+    return export_model(tmp_path_factory.mktemp("model") / "export", build_model(cfg, tok.get_vocab_size()), tok, cfg,
+                        {"context_length": 32})
+
+
+def _run_app(app: str, overrides: list[str]) -> None:
+    """What `python -m lingmao.<app> <overrides>` runs, in this process."""
+    import importlib
+
+    from lingmao.train import train
+
+    cfg = compose_config(overrides, config_name=app)
+    if app == "train":
+        train(cfg)
+    else:
+        importlib.import_module("lingmao.serve.__main__" if app == "serve" else f"lingmao.{app}").run(cfg)
+
+
+def _plot(run_dir: Path) -> None:
+    from lingmao.plot import plot_runs
+
+    plot_runs([run_dir])
+
+
+# app -> (the bad file's name, what it is given as: the run's overrides or the plot's run folder)
+APP_INPUTS: dict[str, tuple[str, Callable[[Path, Path, Path], None]]] = {
+    "check": ("poems.txt", lambda bad, model, tmp: _run_app("check", [f"file={bad}"])),
+    "check-jsonl": ("poems.jsonl", lambda bad, model, tmp: _run_app("check", [f"file={bad}"])),
+    "generate": ("model.ckpt", lambda bad, model, tmp: _run_app(
+        "generate", [f"ckpt={bad}", f"tokenizer={model / 'tokenizer.json'}", "device=cpu"])),
+    "evaluate": ("test.jsonl", lambda bad, model, tmp: _run_app(
+        "evaluate", [f"model_dir={model}", f"data.test_file={bad}", f"output={tmp / 'eval.json'}", "device=cpu"])),
+    "serve": ("config.json", lambda bad, model, tmp: _run_app("serve", [f"model_dir={bad.parent}", "port=0"])),
+    "plot": ("metrics.csv", lambda bad, model, tmp: _plot(bad.parent)),
+    "train": ("train.jsonl", lambda bad, model, tmp: _run_app("train", [
+        *tiny_overrides(tmp, bad, cut_corpus(SAMPLE / "test.jsonl", tmp / "t.jsonl", 10)), "run_name=bad"])),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+@pytest.mark.parametrize("app", list(APP_INPUTS))
+def test_every_app_answers_a_bad_file_with_one_line(app: str, kind: str, good_export: Path, tmp_path: Path) -> None:
+    if kind == "unreadable" and not CAN_HIDE:
+        pytest.skip("this process reads a file of mode 000 (root): run the tests as another user for this case")
+    name, run = APP_INPUTS[app]
+    bad = bad_file(tmp_path, kind, name)
+    with pytest.raises(LingmaoError) as info:
+        run(bad, good_export, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and (str(bad) in message or str(bad.parent) in message), message
+    assert not (tmp_path / "outputs" / "runs" / "bad").exists()
+
+
+def test_a_file_in_another_encoding_names_its_line(tmp_path: Path) -> None:
+    from lingmao.check import run
+
+    poems = tmp_path / "poems.txt"
+    poems.write_bytes("静夜思\n".encode() + "床前明月光\n".encode("gbk"))
+    with pytest.raises(LingmaoError, match=rf"^{poems}:2: not UTF-8 .*iconv -f GB18030 -t UTF-8$"):
+        run(compose_config([f"file={poems}"], config_name="check"))
+
+
+APP_COMMANDS = {
+    "train": lambda bad, model, tmp: ["lingmao.train", *tiny_overrides(tmp, bad, bad), "run_name=bad"],
+    "generate": lambda bad, model, tmp: ["lingmao.generate", f"model_dir={_export_with_config(bad, tmp)}"],
+    "evaluate": lambda bad, model, tmp: ["lingmao.evaluate", f"model_dir={model}", f"data.test_file={bad}"],
+    "check": lambda bad, model, tmp: ["lingmao.check", f"file={bad}"],
+    "serve": lambda bad, model, tmp: ["lingmao.serve", f"model_dir={_export_with_config(bad, tmp)}", "port=0"],
+    "plot": lambda bad, model, tmp: ["lingmao.plot", str(_run_with_metrics(bad, tmp))],
+}
+
+
+def _export_with_config(config: Path, tmp: Path) -> Path:
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_bytes(config.read_bytes())
+    return tmp / "model"
+
+
+def _run_with_metrics(metrics: Path, tmp: Path) -> Path:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "metrics.csv").write_bytes(metrics.read_bytes())
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_every_app_on_the_command_line_a_gbk_file_is_one_error_line_and_exit_2(good_export, tmp_path) -> None:
+    """The real entry points, started together: exit 2, one `error:` line, no traceback, no run folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import run_module
+
+    def start(app: str):
+        tmp = tmp_path / app
+        tmp.mkdir()
+        bad = tmp / "poems.jsonl"
+        bad.write_bytes(BAD_FILES["gbk"])
+        module, *args = APP_COMMANDS[app](bad, good_export, tmp)
+        return run_module(module, *args, timeout=300, cwd=tmp)
+
+    with ThreadPoolExecutor(len(APP_COMMANDS)) as pool:
+        results = dict(zip(APP_COMMANDS, pool.map(start, APP_COMMANDS), strict=True))
+    for app, proc in results.items():
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, (app, proc.returncode, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "not UTF-8" in errors[0], (app, proc.stderr[-2000:])
+    assert not (tmp_path / "train" / "outputs" / "runs" / "bad").exists()

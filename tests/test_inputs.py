@@ -160,3 +160,38 @@ def test_more_than_65536_distinct_characters(tmp_path, monkeypatch):
     data = load_or_tokenize(f, tok, TextSource(), tmp_path / "cache")
     assert len(chars) > 1 << 16 and data.symbols.dtype == np.uint32
     assert data.ids().tolist() == [i for e in tok.encode_batch(docs) for i in e.ids]
+
+
+def test_a_cache_read_with_skip_does_not_serve_a_run_that_must_stop_at_the_bad_line(tmp_path):
+    docs = sample_docs(6)
+    path = tmp_path / "f.jsonl"
+    path.write_text(jsonl(docs[:3]) + "{oops\n" + jsonl(docs[3:]), encoding="utf-8")
+    tok = train_tokenizer(docs)
+    skipped = load_or_tokenize(path, tok, TextSource(on_bad_line="skip"), tmp_path / "cache")
+    assert len(skipped.doc_chars) == 6
+    with pytest.raises(LingmaoError, match=r"f.jsonl:4: invalid JSON"):
+        load_or_tokenize(path, tok, TextSource(on_bad_line="error"), tmp_path / "cache")
+
+
+def test_converted_text_is_cached_per_opencc_version(tmp_path, monkeypatch):
+    """Another OpenCC release may convert some characters otherwise: its caches are its own."""
+    import importlib.metadata
+
+    from lingmao.data import cache
+    from lingmao.data.datamodule import default_tokenizer_path
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(jsonl(sample_docs(3)), encoding="utf-8")
+    converted, plain = TextSource(convert="t2s"), TextSource()
+
+    def keys() -> tuple:
+        return (cache._entry_folder(path, converted, tmp_path, None), cache._entry_folder(path, plain, tmp_path, None),
+                default_tokenizer_path(DataConfig(train_file=str(path), convert="t2s"), tmp_path),
+                default_tokenizer_path(DataConfig(train_file=str(path)), tmp_path))
+
+    before = keys()
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "opencc" else real(name))
+    after = keys()
+    assert after[0] != before[0] and after[2] != before[2]  # converted text: other token caches and tokenizers
+    assert after[1] == before[1] and after[3] == before[3]  # no conversion: the OpenCC version does not matter

@@ -37,6 +37,36 @@ def test_long_names_are_cut_and_stay_distinct():
     assert len(names.slug(a)) == names.MAX_NAME and names.slug(a) != names.slug(b)
 
 
+@pytest.mark.parametrize("given", ["诗" * 200, "诗" * 199 + "x", "𠀀" * 100, "x" * 119 + "诗" * 3])
+def test_names_are_cut_by_bytes_and_can_be_made(given, tmp_path):
+    """200 Chinese characters are 600 bytes of UTF-8: far over the 255 a folder name may have."""
+    name = names.run_name(given)
+    assert len(name.encode()) <= names.MAX_NAME <= 255 and name.isprintable()
+    assert name != names.run_name(given[:-1] + "词")  # the hash of the whole keeps cut names apart
+    (tmp_path / name).mkdir()
+    overrides_name = names.run_name(None, [f"data.template={given}"])
+    assert len(overrides_name.encode()) <= names.MAX_NAME
+    (tmp_path / overrides_name).mkdir()
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("optim.lr=1e-3", "optim.lr=1e+3"),
+    ('data.template="{title}：{text}"', 'data.template="{title}，{text}"'),
+    ("data.template='{title}\n{text}'", "data.template='{title} {text}'"),
+    ("data.text_key=a b", "data.text_key=a-b"),
+    ("data.train_file=[a.jsonl,b.jsonl]", "data.train_file=[a.jsonl;b.jsonl]"),
+])
+def test_overrides_that_differ_never_share_a_folder(a, b):
+    assert names.run_name(None, ["model=tiny", a]) != names.run_name(None, ["model=tiny", b])
+    for override in (a, b):
+        name = names.run_name(None, ["model=tiny", override])
+        assert names.slug(name) == name  # still a plain slug, usable unquoted
+
+
+def test_a_name_that_a_slug_keeps_as_it_is_gets_no_hash():
+    assert names.run_name(None, ["model=tiny", "optim.lr=1e-3"]) == "model-tiny__optim.lr-1e-3"
+
+
 def test_run_name_cannot_leave_the_runs_folder(tmp_path):
     cfg = compose_config([f"paths.output_dir={tmp_path}", "run_name=../../x"])
     run_dir = Path(cfg.paths.run_dir).resolve()
@@ -72,9 +102,10 @@ NOT_TRAINING_KEYS = [
 ] + [
     f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig) if f.name not in (
         "min_epochs", "min_steps", "limit_train_batches", "deterministic", "fast_dev_run")
-] + ["run_name", "auto_resume", "resume_from", "save_on_interrupt", "checkpoint_every", "checkpoint_every_n_steps",
-     "model_save_dir", "export", "run_test", "show_samples", "debug", "model.compile", "data.num_workers",
-     "data.test_file", "hardware=cpu", "night=off", "logger=tensorboard", "callbacks.progress.every_n_steps"]
+] + ["run_name", "auto_resume", "resume_from", "resume_changed", "save_on_interrupt", "checkpoint_every",
+     "checkpoint_every_n_steps", "model_save_dir", "export", "run_test", "show_samples", "debug", "model.compile",
+     "data.num_workers", "data.test_file", "hardware=cpu", "night=off", "logger=tensorboard",
+     "callbacks.progress.every_n_steps"]
 
 
 @pytest.mark.parametrize("key", NOT_TRAINING_KEYS)

@@ -1,16 +1,24 @@
 """Exact resume: a run stopped at step K and resumed sees the same batches and losses as one never stopped;
-resuming into another model stops with a message that lists the differences."""
+resuming into another model stops with a message that lists the differences; a run is the config it started
+with; a damaged checkpoint falls back to the newest good one; warm-up and the epoch-checkpoint interval are the
+run's, not each process's."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
 import lingmao.train as train_mod
-from lingmao.checkpointing import TrainingInterrupted
+from lingmao.callbacks.checkpoints import EpochCheckpoint
+from lingmao.checkpointing import TrainingInterrupted, find_resume_checkpoint
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
 from tests.conftest import SAMPLE, SignalAt, cut_corpus, tiny_overrides, train_with
@@ -194,3 +202,175 @@ def test_resume_on_another_number_of_processes_sees_each_window_once(monkeypatch
         monkeypatch.setattr(windows, "rank_and_world", lambda r=rank, w=world: (r, w))
         rest += [i for batch in it for i in batch.tolist()]
     assert sorted(first + rest) == list(range(60))  # every window of the epoch, each exactly once
+
+
+# ----------------------------------------------------------------------------------------------
+# A run is its config
+# ----------------------------------------------------------------------------------------------
+def _files(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_run_is_the_config_it_started_with(tmp_path, corpus, caplog):
+    """The run folder records the training config and its hash, and so does every checkpoint; the keys meant to
+    change on resume (the schedule's length, learning rates, the machine) resume; any other change, an optimizer
+    switch included, is refused in one line with the difference and the two ways on; resume_changed=accept
+    continues with the new settings."""
+
+    def cfg(*extra: str):
+        return make_cfg(tmp_path, corpus, "run_name=cfg", "trainer.max_steps=2", *extra)
+
+    train_mod.train(cfg())
+    run_dir = tmp_path / "outputs" / "runs" / "cfg"
+    record = json.loads((run_dir / "training_config.json").read_text())
+    from lingmao import runs
+
+    assert record["hash"] == runs.config_hash(record["config"]) and record["config"]["optim.name"] == "adamw"
+    assert {"model.d_model", "data.context_length", "seed", "optim.weight_decay"} <= set(record["config"])
+    assert not {"trainer.max_steps", "optim.lr", "hardware.cpu_threads", "night.enabled"} & set(record["config"])
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["lingmao"]["config"] == \
+        record["config"]
+
+    before = _files(run_dir)
+    for extra, difference in (
+        ("optim.weight_decay=0.05", "optim.weight_decay: checkpoint 0.1, now 0.05"),
+        ("optim=muon", "optim.name: checkpoint 'adamw', now 'muon'"),
+        ("seed=7", "seed: checkpoint 1337, now 7"),
+        ("data.stride=16", "data.stride: checkpoint None, now 16"),
+    ):
+        with pytest.raises(LingmaoError) as info:
+            train_mod.train(cfg("trainer.max_steps=4", extra))
+        message = str(info.value)
+        assert difference in message and "\n" not in message, message
+        assert "run_name=" in message and "resume_changed=accept" in message and "last.ckpt" in message
+        assert _files(run_dir) == before  # refused before anything was written
+
+    resumed = train_mod.train(cfg("trainer.max_steps=3", "optim.lr=5e-4", "hardware.cpu_threads=2",
+                                  "night=default", "night.now=12:00"))
+    assert resumed.global_step == 3
+    with caplog.at_level(logging.WARNING):
+        switched = train_mod.train(cfg("trainer.max_steps=5", "optim=muon", "resume_changed=accept"))
+    assert switched.global_step == 5
+    assert "the new optimizer starts afresh" in caplog.text
+    now = json.loads((run_dir / "training_config.json").read_text())
+    assert now["config"]["optim.name"] == "muon" and now["hash"] != record["hash"]
+    # An accepted change takes effect: loading the optimizer state does not bring the checkpoint's value back.
+    train_mod.train(cfg("trainer.max_steps=6", "optim=muon", "optim.weight_decay=0.05", "resume_changed=accept"))
+    groups = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0][
+        "param_groups"]
+    assert {g["name"]: g["weight_decay"] for g in groups}["decay"] == 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# A damaged checkpoint falls back
+# ----------------------------------------------------------------------------------------------
+def _checkpoint(path: Path, step: int, age_s: float = 0.0) -> Path:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": step}, path)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, caplog):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    _checkpoint(ckpts / "epoch000.ckpt", 4, age_s=300)
+    good = _checkpoint(ckpts / "epoch001.ckpt", 8, age_s=200)
+    torn = _checkpoint(ckpts / "epoch002.ckpt", 12, age_s=100)
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # a copy cut short
+    (ckpts / "last.ckpt").write_bytes(b"\x00" * 512)  # overwritten by something else
+    (ckpts / "last.ckpt.damaged").write_bytes(b"set aside by an earlier run")
+    with caplog.at_level(logging.WARNING, logger="lingmao.checkpointing"):
+        chosen = find_resume_checkpoint(None, True, ckpts)
+    assert chosen == good
+    assert (ckpts / "last.ckpt.1.damaged").read_bytes() == b"\x00" * 512  # kept, beside the earlier one
+    assert (ckpts / "last.ckpt.damaged").read_bytes() == b"set aside by an earlier run"
+    assert (ckpts / "epoch002.ckpt.damaged").is_file() and not torn.exists()
+    assert f"resuming from {good}, the newest good checkpoint" in caplog.text
+    assert "kept as last.ckpt.1.damaged" in caplog.text and "kept as epoch002.ckpt.damaged" in caplog.text
+    assert find_resume_checkpoint(None, True, ckpts) == good  # and the next run goes straight there
+
+
+def test_when_no_checkpoint_is_good_the_error_is_one_line_and_nothing_is_renamed(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "last.ckpt").write_bytes(b"not a checkpoint")
+    (ckpts / "epoch000.ckpt").write_bytes(b"")
+    with pytest.raises(LingmaoError) as info:
+        find_resume_checkpoint(None, True, ckpts)
+    message = str(info.value)
+    assert message.startswith(f"{ckpts / 'last.ckpt'}: not a checkpoint") and "auto_resume=false" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_last_checkpoint_is_damaged_continues_from_its_epoch_checkpoint(monkeypatch, tmp_path, corpus):
+    cfg = make_cfg(tmp_path, corpus, "run_name=torn", "trainer.max_steps=8")
+    rows = run(monkeypatch, cfg)
+    per_epoch = steps_per_epoch(rows)
+    ckpts = tmp_path / "outputs" / "runs" / "torn" / "checkpoints"
+    assert torch.load(ckpts / "epoch000.ckpt", weights_only=True)["global_step"] == per_epoch
+    (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])  # a torn copy
+    resumed = run(monkeypatch, make_cfg(tmp_path, corpus, "run_name=torn", "trainer.max_steps=10"))
+    assert resumed[0][0] == per_epoch + 1 and resumed[-1][0] == 10
+    assert (ckpts / "last.ckpt.damaged").stat().st_size == 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm-up and the epoch-checkpoint interval belong to the run
+# ----------------------------------------------------------------------------------------------
+class LearningRates(L.Callback):
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rows.append((trainer.global_step + 1, optimizer.param_groups[0]["lr"]))
+
+
+def run_rates(monkeypatch, cfg) -> list:
+    rows: list = []
+    original = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda c: [LearningRates(rows), *original(c)])
+    train_mod.train(cfg)
+    return rows
+
+
+@pytest.mark.slow
+def test_extending_a_finished_run_does_not_warm_up_again(monkeypatch, tmp_path, corpus):
+    """4 steps with optim.warmup_steps=6: more than half the run, so it warms up over 1 step. Extended to 20
+    steps, 6 would fit, but the run warmed up already: it goes on down its cosine, never up again."""
+    common = ("run_name=warm", "optim.warmup_steps=6", "optim.lr=1e-3", "optim.min_lr_ratio=0.1",
+              "trainer.val_check_interval=100")
+    first = run_rates(monkeypatch, make_cfg(tmp_path, corpus, *common, "trainer.max_steps=4"))
+    assert [step for step, _ in first] == [1, 2, 3, 4] and first[0][1] == pytest.approx(1e-3)
+    later = run_rates(monkeypatch, make_cfg(tmp_path, corpus, *common, "trainer.max_steps=20"))
+    assert [step for step, _ in later] == list(range(5, 21))
+    rates = [lr for _, lr in later]
+    assert rates[0] > 0.9e-3  # the cosine over 20 steps at step 5 (0.95 of the peak), not (4 + 1) / 6 of it
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # down the cosine, never up
+    assert rates[-1] == pytest.approx(1e-4, rel=0.1)  # to the floor at the new end
+
+
+def test_the_epoch_checkpoint_interval_counts_from_the_newest_epoch_checkpoint(tmp_path, monkeypatch):
+    """A new process (a resume) finds an epoch checkpoint written 2 minutes ago by the one before: the next
+    is not due before the 10 minutes are up."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saves: list[int] = []
+    monkeypatch.setattr(ModelCheckpoint, "on_train_epoch_end", lambda self, trainer, module: saves.append(1))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda value, src=0: value))
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    _checkpoint(ckpts / "epoch003.ckpt", 30, age_s=120)
+    resumed = EpochCheckpoint(str(ckpts), every_n_epochs=1, min_interval_minutes=10)
+    resumed.on_train_epoch_end(trainer, None)
+    assert saves == []
+    _checkpoint(ckpts / "epoch003.ckpt", 30, age_s=11 * 60)
+    resumed.on_train_epoch_end(trainer, None)
+    assert saves == [1]
+    fresh = EpochCheckpoint(str(tmp_path / "empty"), every_n_epochs=1, min_interval_minutes=10)
+    fresh.on_train_epoch_end(trainer, None)  # no epoch checkpoint yet: the first is written
+    assert saves == [1, 1]

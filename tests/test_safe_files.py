@@ -56,8 +56,8 @@ def test_a_second_export_keeps_the_users_files(tmp_path):
     assert (target / "samples" / "a.txt").read_text() == "a poem I liked"
     loaded = load_model(target)
     assert torch.equal(loaded.model.head.weight, other.head.weight)  # the new weights replaced the old
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "samples",
-                                                         "tokenizer.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "lingmao-export.json", "model.safetensors",
+                                                         "notes.txt", "samples", "tokenizer.json"]
 
 
 def test_the_api_refuses_a_folder_that_is_not_an_export(tmp_path):
@@ -68,6 +68,68 @@ def test_the_api_refuses_a_folder_that_is_not_an_export(tmp_path):
     with pytest.raises(LingmaoError, match="not a lingmao export"):
         export_model(mine, model, tok, CFG)
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("folder", ["hugging_face", "own_config"])
+def test_a_folder_lingmao_did_not_export_is_refused_not_overwritten(tmp_path, folder):
+    """Known by lingmao's marker file, not by file names: a Hugging Face model folder has the very names."""
+    target = tmp_path / folder
+    target.mkdir()
+    if folder == "hugging_face":
+        files = {"config.json": '{"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768}',
+                 "model.safetensors": "weights of someone else's model", "tokenizer.json": '{"version": "1.0"}'}
+    else:
+        files = {"config.json": '{"vocab_size": 8000, "model": "my own", "notes": "years of work"}'}
+    for name, text in files.items():
+        (target / name).write_text(text)
+    model, tok = tiny_parts()
+    with pytest.raises(LingmaoError, match="not a lingmao export") as info:
+        export_model(target, model, tok, CFG)
+    assert "\n" not in str(info.value)
+    assert {p.name: p.read_text() for p in target.iterdir()} == files
+
+
+def _export_twice(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    tok = tiny_parts()[1]
+    export_model(first, tiny_parts(0)[0], tok, CFG)
+    export_model(second, tiny_parts(1)[0], tok, CFG)
+    return first, second
+
+
+@pytest.mark.parametrize("swapped", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_load_model_refuses_a_file_that_is_not_the_exported_one(tmp_path, swapped):
+    """New weights beside an old config load silently when the shapes match: the checksums say otherwise."""
+    first, second = _export_twice(tmp_path)
+    if swapped == "tokenizer.json":
+        (first / swapped).write_text((first / swapped).read_text().replace("床", "牀"))
+    elif swapped == "config.json":
+        (first / swapped).write_text((first / swapped).read_text().replace('"dropout": 0.0', '"dropout": 0.5'))
+    else:
+        (first / swapped).write_bytes((second / swapped).read_bytes())
+    with pytest.raises(LingmaoError) as info:
+        load_model(first)
+    message = str(info.value)
+    assert message.startswith(f"{first / swapped}: not the file this export wrote") and "\n" not in message
+    load_model(second)  # the untouched export loads
+
+
+def test_an_export_from_before_the_marker_still_loads_and_is_exported_over(tmp_path):
+    """Exports written before the marker (and before checksums) are recognised by their config.json format."""
+    import json
+
+    target = tmp_path / "old"
+    model, tok = tiny_parts(0)
+    export_model(target, model, tok, CFG)
+    (target / "lingmao-export.json").unlink()
+    config = json.loads((target / "config.json").read_text())
+    del config["sha256"]
+    (target / "config.json").write_text(json.dumps(config))
+    assert torch.equal(load_model(target).model.head.weight, model.head.weight)
+    newer, _ = tiny_parts(1)
+    export_model(target, newer, tok, CFG)
+    assert (target / "lingmao-export.json").is_file()
+    assert torch.equal(load_model(target).model.head.weight, newer.head.weight)
 
 
 @pytest.mark.slow
@@ -135,7 +197,8 @@ def test_kill_9_at_random_moments_always_leaves_a_whole_export(tmp_path):
         assert not (target / READY).exists()
     # Stray staging folders are the next export's to remove; none of them is ever read.
     export_model(target, *tiny_parts(), CFG)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "lingmao-export.json", "model.safetensors",
+                                                         "tokenizer.json"]
 
 
 def _die_while_moving_into_place(target: str) -> None:

@@ -296,3 +296,12 @@ def test_config_file_defaults_are_the_dataclass_defaults(conf_dir):
         cfg = compose("serve")
     assert Limits.from_mapping(cfg.limits) == Limits()
     assert (cfg.host, cfg.port) == ("127.0.0.1", 8000)
+
+
+@pytest.mark.parametrize("body", [{"tune": "不存在的调"}, {"form": "ci"}])
+def test_the_api_points_to_its_own_list_of_tunes(client, body):
+    """Not the command line's list_tunes=true: the API's caller lists tunes with GET /api/info."""
+    for endpoint in ("/api/generate", "/api/generate/stream"):
+        response = client.post(endpoint, json=body)
+        assert_one_line_error(response, 400, "tune", "GET /api/info")
+        assert "list_tunes" not in response.json()["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -29,8 +30,10 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """`epochNNN.ckpt` every `every_n_epochs` epochs, kept; skipped when the previous one is younger than
-    `min_interval_minutes`, so a run over a small file does not write a checkpoint every few seconds."""
+    """`epochNNN.ckpt` every `every_n_epochs` epochs, kept; skipped when the newest epoch checkpoint in `dirpath`
+    is younger than `min_interval_minutes`, so a run over a small file does not write a checkpoint every few
+    seconds. The interval counts from that file's time, whichever process wrote it: resuming does not start a new
+    interval."""
 
     def __init__(self, dirpath: str, every_n_epochs: int = 1, min_interval_minutes: float = 10.0) -> None:
         super().__init__(
@@ -39,17 +42,26 @@ class EpochCheckpoint(ModelCheckpoint):
         )
         self.epoch_interval = every_n_epochs
         self.min_interval_minutes = min_interval_minutes
-        self._last_saved_at: float | None = None
+
+    def last_saved_at(self) -> float | None:
+        """The time (seconds since the epoch) the newest epoch checkpoint in `dirpath` was written, or None."""
+        times = []
+        for path in Path(str(self.dirpath)).glob("epoch*.ckpt"):
+            try:
+                times.append(path.stat().st_mtime)
+            except OSError:  # removed meanwhile
+                pass
+        return max(times, default=None)
+
+    def too_soon(self) -> bool:
+        """Whether the newest epoch checkpoint is younger than `min_interval_minutes`."""
+        last = self.last_saved_at()
+        return last is not None and time.time() - last < self.min_interval_minutes * 60
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.epoch_interval:
             return
-        now = time.monotonic()
-        recent = self._last_saved_at is not None and now - self._last_saved_at < self.min_interval_minutes * 60
-        # Every rank takes the same decision (rank 0's clock), since saving is collective.
-        if trainer.strategy.broadcast(recent, src=0):
+        # Every rank takes the same decision (rank 0's view of the folder), since saving is collective.
+        if trainer.strategy.broadcast(self.too_soon(), src=0):
             return
-        before = self.best_model_path
         super().on_train_epoch_end(trainer, pl_module)
-        if self.best_model_path != before:
-            self._last_saved_at = now

@@ -13,14 +13,16 @@ A file is read once (in chunks: memory stays bounded whatever its size) into
 
 Characters do not depend on the vocabulary, so a cache of characters serves every tokenizer: the ids of a
 file are `table[symbols]`, `table` = the tokenizer's id of each alphabet entry (a few thousand lookups).
-A folder is keyed by the file's content (SHA-256) and the text settings; adding or changing one input file
-reads only that file. Folders are built under a temporary name and renamed into place, so a half-written
-cache is never read.
+A folder is keyed by the file's content (SHA-256) and every setting that changes what is read from it (the
+text settings, `data.on_bad_line`, and the OpenCC version when text is converted: see `entry_key`); adding or
+changing one input file reads only that file. Folders are built under a temporary name and renamed into place,
+so a half-written cache is never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import multiprocessing
@@ -306,10 +308,31 @@ def _install(folder: Path, tmp: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Many files: find, build what is missing (in parallel), open
 # ----------------------------------------------------------------------------------------------
-def _entry_folder(path: Path, source: TextSource, cache_dir: Path, tokenizer: Tokenizer | None) -> Path:
+def conversion_version(convert: str | None) -> str:
+    """What converts the text, with its version ('' when nothing does): another OpenCC release may convert
+    some characters otherwise, so it is part of every cache key that converted text goes into."""
+    if convert in (None, "", "none"):
+        return ""
+    try:
+        return f"opencc {importlib.metadata.version('opencc')}"
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency; an unusual install
+        import opencc
+
+        return f"opencc {getattr(opencc, '__version__', 'unknown')}"
+
+
+def entry_key(path: Path, source: TextSource, tokenizer: Tokenizer | None) -> str:
+    """Everything the cache of `path` depends on: its bytes, how documents are made of it (key or template,
+    .txt mode), what is done with bad lines (skipped, or an error that must be raised again), the conversion and
+    its version, the tokenizer (for caches of token ids) and the cache format."""
     values = "symbols" if tokenizer is None else f"ids:{tokenizer_fingerprint(tokenizer)}"
-    key = hashlib.sha256(f"{file_sha256(path)}|{source.key(path)}|{values}|{FORMAT}".encode()).hexdigest()[:20]
-    return cache_dir / f"{path.name}.{key}"
+    parts = (file_sha256(path), source.key(path), source.on_bad_line, conversion_version(source.convert), values,
+             FORMAT)
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:20]
+
+
+def _entry_folder(path: Path, source: TextSource, cache_dir: Path, tokenizer: Tokenizer | None) -> Path:
+    return cache_dir / f"{path.name}.{entry_key(path, source, tokenizer)}"
 
 
 def _build_into(path: Path, source: TextSource, folder: Path, tokenizer: Tokenizer | None,

@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from lingmao.data.cache import CacheEntry, TokenFile, open_caches
+from lingmao.data.cache import CacheEntry, TokenFile, conversion_version, open_caches
 from lingmao.data.config import DataConfig
 from lingmao.data.reading import TextSource, input_files, is_txt
 from lingmao.data.tokenizer import (
@@ -289,6 +289,8 @@ def default_tokenizer_path(d: DataConfig, cache_dir: str | Path) -> Path:
         st = path.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(f"{d.text_key}|{d.template}|{d.convert}|{d.min_frequency}".encode())
+    if d.convert != "none":  # another OpenCC release may convert (and so count) characters otherwise
+        h.update(f"|{conversion_version(d.convert)}".encode())
     if any(is_txt(p) for p in files):
         h.update(f"|txt:{d.txt_mode}".encode())
     name = files[0].name if len(files) == 1 else f"{files[0].name}+{len(files) - 1}"

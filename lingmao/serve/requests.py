@@ -38,8 +38,24 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="null = a new one, returned with the result")
 
 
+LISTED_BY = "GET /api/info lists them"
+
+
+def check_tune(request: GenerateRequest) -> None:
+    """The ci tune a request names, checked here so that the error points to the API's list, not the command
+    line's (`list_tunes=true`)."""
+    from lingmao.verse.forms import CI, normalize_form
+    from lingmao.verse.tunes import tune_named
+
+    if request.tune:
+        tune_named(request.tune, LISTED_BY)
+    elif normalize_form(request.form) == CI:
+        raise LingmaoError(f"form=ci needs a tune, e.g. \"tune\": \"浣溪沙\" ({LISTED_BY})")
+
+
 def generation_options(request: GenerateRequest, limits: Limits) -> dict[str, Any]:
     """Keyword arguments for `LingmaoModel.generate` (seed resolved); a request over a limit is a LingmaoError."""
+    check_tune(request)
     for name in ("prompt", "title"):
         text = getattr(request, name) or ""
         if len(text) > limits.max_prompt_chars:

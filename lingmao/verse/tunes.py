@@ -101,11 +101,14 @@ def find_tune(name: str) -> Tune | None:
     return None
 
 
-def tune_named(name: str) -> Tune:
-    """Like `find_tune`, but an unknown name is a user error naming a few known tunes."""
+LISTED_BY = "list them with list_tunes=true"  # the command line's way to see them all
+
+
+def tune_named(name: str, listed_by: str = LISTED_BY) -> Tune:
+    """Like `find_tune`, but an unknown name is a user error naming a few known tunes and, in `listed_by`, where
+    to see them all (the web API says `GET /api/info`)."""
     tune = find_tune(name)
     if tune is None:
         known = " ".join(t.name for t in tunes()[:8])
-        raise LingmaoError(f"tune: '{name}' is not one of the {len(tunes())} known tunes ({known}, ...; "
-                           "list them with list_tunes=true)")
+        raise LingmaoError(f"tune: '{name}' is not one of the {len(tunes())} known tunes ({known}, ...; {listed_by})")
     return tune
