@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fast tests at the lowest versions pyproject.toml allows (.ci/floors.py), in a virtual environment of their
 # own outside the repository, removed afterwards; nothing is written into the repository.
-#   bash .ci/floors.sh               every floor but torch's, with the CPU build of torch 2.13.0 (a minute or two)
+#   bash .ci/floors.sh               every floor but torch's, with the CPU build of torch 2.13.0 (install: ~4 min here)
 #   bash .ci/floors.sh torch-floor   torch's floor too: PyPI has it only as a CUDA build (with its nvidia-*
 #                                    packages about 4 GB to fetch, 7 GB installed, 8-9 minutes here); it runs on a CPU
 set -euo pipefail
