@@ -186,9 +186,17 @@ def tiny_export(directory: Path, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """An untrained tiny gpt export (tokenizer of 300 poems), for tests that only read it."""
+def model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny gpt export (tokenizer of 300 poems, context length 64), for tests that only read it."""
     return tiny_export(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def lm(model_dir):
+    """`model_dir` loaded (a test module may give `lm` another model, as test_verse_generate.py does)."""
+    from lingmao.export import load_model
+
+    return load_model(model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,6 @@ POEMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir  # context length 64
-
-
 @pytest.fixture()
 def test_file(tmp_path) -> Path:
     path = tmp_path / "tiny.jsonl"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,16 +18,6 @@ from lingmao.verse.modern import RHYME_CLASSES, rhyme_class
 from tests.conftest import FORMS_FAST_FIRST, run_module, tiny_export
 
 ACROSTIC = "春夏秋冬風花雪月"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def lm(model_dir) -> LingmaoModel:
-    return load_model(model_dir)
 
 
 def independent_layout_check(text: str, form: str) -> None:

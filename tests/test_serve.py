@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lingmao import LingmaoError, load_model
-from lingmao.export import LingmaoModel
+from lingmao import LingmaoError
 from lingmao.verse import pingshui
 from tests.conftest import run_module
 
@@ -30,16 +29,6 @@ from lingmao.serve.limits import Limits  # noqa: E402
 
 HAN = "[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U000323af]"
 LIMITS = Limits(max_new_tokens=64, time_s=30, max_prompt_chars=200, max_samples=4, max_concurrent=2)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def lm(model_dir) -> LingmaoModel:
-    return load_model(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def served_model(tiny_model_dir) -> Path:
-    return Path(os.environ["LINGMAO_SERVE_MODEL"]) if os.environ.get("LINGMAO_SERVE_MODEL") else tiny_model_dir
+def served_model(model_dir) -> Path:
+    return Path(os.environ["LINGMAO_SERVE_MODEL"]) if os.environ.get("LINGMAO_SERVE_MODEL") else model_dir
 
 
 @pytest.fixture(scope="module")
