@@ -1,0 +1,428 @@
+"""Decoding several generations at once: one model step for all of them, each with its own random generator, rules,
+length and stop, and each with exactly the tokens it gets when decoded alone.
+
+A `Generation` is one request's decoding: its prompt, how many samples (rows) it decodes and for how many tokens,
+how it samples (temperature, top-k, top-p, a `torch.Generator` of its own) and its `rules`: callables that change
+its rows' next-token scores (a repetition penalty, banned tokens, a verse form's mask, ...). Whatever state a rule
+keeps belongs to that generation; the decoder only calls the rules, in order, and knows nothing of what they do.
+
+A `BatchDecoder` holds the generations in flight. Each `step()` gives every one of them one token. A generation
+that has just arrived, or whose context window is full (`context_start`), runs its context through the model on
+its own rows, exactly as when it is decoded alone; all the others advance together in one `DecodeStep` over every
+row of the shared KV cache, whose per-row arithmetic does not depend on the other rows (see
+`lingmao.model.DecodeStep`). Their scores then go through each generation's rules and are sampled row by row
+(`choose`), again with row-wise operations only, each generation drawing from its own generator. So a generation's
+tokens are the same whether it is decoded alone or beside others, and whichever others. Models without a KV cache
+(the design architecture) run each generation's context through the model at every step instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# (scores [samples, V], tokens [samples, T], start) -> scores: the rows' next-token scores, the tokens so far (the
+# prompt is tokens[:, :start]); -inf marks a token that may not come next.
+Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+StepMask = Callable[[int, torch.Tensor], torch.Tensor]
+
+# Model scores are clamped to +-LARGE (NaN to 0): big enough to dominate any real logit, small enough that the
+# rules' and the sampler's arithmetic on them stays finite.
+LARGE = 1e30
+
+
+def context_start(length: int, start: int, window: int) -> int:
+    """Where the context begins for predicting token number `length`, when it began at `start` before.
+
+    The context grows until it holds `window` tokens; when one more arrives, it restarts from the last
+    `window // 2` tokens (at least one) and grows again. With a KV cache that restart is one prefill of
+    half a window every half window of new tokens, instead of a full recomputation at every step; the
+    uncached path follows the same rule, so both see the same context and sample the same text.
+    """
+    if length - start <= window:
+        return start
+    return length - max(1, window // 2)
+
+
+def penalize_repetition(
+    logits: torch.Tensor, seq: torch.Tensor, penalty: float, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in `seq`: positive logits divided, negative multiplied.
+
+    `eligible` (bool [V]) limits it to some tokens: poems repeat punctuation and newlines by design.
+    """
+    if penalty == 1.0:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seq, True)
+    if eligible is not None:
+        seen &= eligible
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+class RepetitionPenalty:
+    """The rule of `penalize_repetition` over the prompt and everything generated."""
+
+    def __init__(self, penalty: float, eligible: torch.Tensor | None = None) -> None:
+        self.penalty, self.eligible = penalty, eligible
+
+    def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if self.eligible is not None and self.eligible.device != scores.device:
+            self.eligible = self.eligible.to(scores.device)
+        return penalize_repetition(scores, tokens, self.penalty, self.eligible)
+
+
+class Banned:
+    """These tokens are never sampled."""
+
+    def __init__(self, ids: Sequence[int], vocab_size: int) -> None:
+        self.mask = torch.zeros(vocab_size, dtype=torch.bool)
+        self.mask[torch.tensor(list(ids), dtype=torch.long)] = True
+
+    def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if self.mask.device != scores.device:
+            self.mask = self.mask.to(scores.device)
+        return scores.masked_fill(self.mask, float("-inf"))
+
+
+class AllowedTokens:
+    """`mask(step, generated [samples, step]) -> bool [samples, V]`: the tokens allowed next (a verse form's
+    layout, tones and rhymes: `lingmao.verse.forms.FormConstraint.mask`)."""
+
+    def __init__(self, mask: StepMask) -> None:
+        self.mask = mask
+
+    def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        return scores.masked_fill(~self.mask(tokens.size(1) - start, tokens[:, start:]), float("-inf"))
+
+
+def sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    """The values of each row of x [R, V], largest first (on a CPU through NumPy's vectorised sort, which is
+    about twenty times faster there than `torch.sort`, and no indices are needed)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1)[:, ::-1].copy())
+    return torch.sort(x, dim=-1, descending=True).values
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int | torch.Tensor | None, top_p: float | torch.Tensor
+) -> torch.Tensor:
+    """Keep the `top_k` best tokens and the smallest set of best tokens whose probability reaches `top_p`
+    (-inf elsewhere); tokens tied with the last one kept are kept too.
+
+    `top_k` and `top_p` are numbers or one per row (top_k 0 and top_p 1 leave a row as it is). Each row is
+    filtered on its own values only."""
+    rows, vocab = logits.shape
+    k = torch.as_tensor(0 if top_k is None else top_k, device=logits.device).expand(rows)
+    p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device).expand(rows)
+    by_k, by_p = (k > 0) & (k < vocab), p < 1
+    if not bool((by_k | by_p).any()):
+        return logits
+    ranked = sorted_descending(logits)
+    if bool(by_k.any()):
+        kth = ranked.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1))
+        kth = kth.masked_fill(~by_k.unsqueeze(1), float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+    if bool(by_p.any()):
+        probs = torch.softmax(ranked, dim=-1)
+        # A token stays while the tokens ranked before it hold less than top_p (the best one always stays).
+        kept = ((torch.cumsum(probs, dim=-1) - probs) < p.unsqueeze(1)).sum(-1, keepdim=True)
+        last = ranked.gather(1, kept.clamp(min=1) - 1).masked_fill(~by_p.unsqueeze(1), float("-inf"))
+        logits = logits.masked_fill(logits < last, float("-inf"))
+    return logits
+
+
+def finite_scores(logits: torch.Tensor) -> torch.Tensor:
+    """The model's logits as float32 scores a sampler can always use: NaN -> 0, +-inf and beyond -> +-LARGE."""
+    return torch.nan_to_num(logits.float(), nan=0.0).clamp_(-LARGE, LARGE)
+
+
+def choose(
+    scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    uniform: torch.Tensor, fallback: torch.Tensor, greedy: bool | None = None,
+) -> torch.Tensor:
+    """The next token of each row: scores [R, V] (-inf = not allowed), one temperature (0 = greedy), top_k,
+    top_p (None: off for every row), uniform draw in [0, 1) and fallback token (for a row that allows no token)
+    per row; `greedy`: whether some row is greedy (None: find out).
+
+    Sampling is by the inverse of the cumulative distribution, in float64: the first token where the running
+    sum of probabilities exceeds `uniform` times their total (kept below the total), so a token of probability 0
+    is never chosen. The scores are shifted so that each row's best is 0 before they are divided by the
+    temperature: the probabilities are finite for any finite scores and temperature > 0 (the best token's
+    exp(0) = 1 is in every sum)."""
+    top = scores.amax(-1, keepdim=True)
+    none = top == float("-inf")
+    if bool(none.any()):
+        top = top.masked_fill(none, 0.0)
+        scores = scores.masked_fill(none, 0.0)  # any token: the fallback replaces it below
+    sampling = temperature > 0
+    if greedy is None:
+        greedy = not bool(sampling.all())
+    t = torch.where(sampling, temperature, 1.0).unsqueeze(1) if greedy else temperature.unsqueeze(1)
+    z = (scores - top) / t
+    if top_k is not None or top_p is not None:
+        z = filter_logits(z, top_k, 1.0 if top_p is None else top_p)
+    cdf = torch.softmax(z, dim=-1).double().cumsum_(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    if greedy:
+        chosen = torch.where(sampling, chosen, scores.argmax(-1))
+    return torch.where(none.squeeze(1), fallback, chosen)
+
+
+class Generation:
+    """One request's decoding: `num_samples` continuations of `prompt_ids`, at most `max_new_tokens` each; a
+    sample ends at `eos_id`. See the module docstring; `rules` change the scores of its rows in order, `on_step
+    (tokens [samples], active [samples])` sees each step's tokens (it may raise: the generation then fails with
+    that error). `cancel(reason)` ends it at the next step (any thread may call it), as does passing
+    `deadline` (a `time.monotonic()` time)."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        eos_id: int,
+        max_new_tokens: int,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        rules: Sequence[Rule] = (),
+        seed: int | None = None,
+        context_length: int | None = None,
+        on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt_ids must hold at least <bos>")
+        self.prompt_ids, self.eos_id, self.max_new_tokens = list(prompt_ids), eos_id, max_new_tokens
+        self.num_samples, self.temperature, self.top_k, self.top_p = num_samples, temperature, top_k or 0, top_p
+        self.rules, self.context_length, self.on_step, self.deadline = list(rules), context_length, on_step, deadline
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(2**63)
+        self.start = len(self.prompt_ids)
+        self.length = self.start  # tokens so far
+        self.tokens: torch.Tensor | None = None  # [samples, start + max_new_tokens], once decoding begins
+        self.active: torch.Tensor | None = None  # bool [samples]: not ended by <eos>
+        self.generator: torch.Generator | None = None
+        self.window = 0  # the most tokens the model sees at once (set by the decoder)
+        self.context = 0  # where the model's context begins in `tokens`
+        self.cached = 0  # tokens of the context in this generation's rows of the cache (0: run the whole context)
+        self.row = 0  # its first row in the decoder's cache
+        self.stop_reason: str | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.text: Callable[[list[list[int]]], list[str]] | None = None  # token ids -> texts (lingmao.sampling)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """End the generation at the next step (what it has sampled stays)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    @property
+    def new_tokens(self) -> int:
+        return self.length - self.start
+
+    def begin(self, device: torch.device, window: int) -> None:
+        self.window = window
+        self.tokens = torch.empty(self.num_samples, self.start + self.max_new_tokens, dtype=torch.long, device=device)
+        self.tokens[:, : self.start] = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
+        self.active = torch.ones(self.num_samples, dtype=torch.bool, device=device)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+        if self.max_new_tokens <= 0:
+            self.done = True
+
+    def rows(self) -> list[list[int]]:
+        """The new token ids of each sample so far, without `<eos>`."""
+        if self.tokens is None:
+            return [[] for _ in range(self.num_samples)]
+        out = []
+        for row in self.tokens[:, self.start : self.length].tolist():
+            out.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
+        return out
+
+    def texts(self) -> list[str]:
+        """The text of each sample so far (needs `text`, which `lingmao.sampling.prepare` sets)."""
+        if self.text is None:
+            raise ValueError("this generation has no detokenizer")
+        return self.text(self.rows())
+
+
+class BatchDecoder:
+    """The generations in flight and their shared KV cache (see the module docstring).
+
+    `add(generation)` takes one in (it starts at the next step); `step()` gives each one token and returns those
+    that ended, done or stopped (`stop_reason`) or failed (`error`: a rule or `on_step` raised). `capacity` is the
+    cache's length in tokens: a generation's window must not exceed it, and decoded alone it gets the same
+    arithmetic only in a decoder of the same capacity (the server uses the model's context length for all).
+    `use_cache=False` runs every generation's context through the model at every step."""
+
+    def __init__(self, model: torch.nn.Module, capacity: int | None = None, use_cache: bool = True) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.capacity = min(capacity or model.max_len, model.max_len)
+        self.step_fn = model.decode_step() if use_cache and hasattr(model, "decode_step") else None
+        self.cache: Any = None
+        self.generations: list[Generation] = []
+        self.rows = 0
+        self._rows_key: list[int] = []
+        self._settings: tuple = ()
+
+    def __len__(self) -> int:
+        return len(self.generations)
+
+    def add(self, generation: Generation) -> None:
+        window = min(generation.context_length or self.model.max_len, self.model.max_len)
+        if self.step_fn is not None and window > self.capacity:
+            raise ValueError(f"a window of {window} tokens does not fit a cache of {self.capacity}")
+        generation.begin(self.device, window)
+        if generation.done:
+            return
+        generation.row = self.rows
+        self.rows += generation.num_samples
+        if self.step_fn is not None and (self.cache is None or self.cache.batch_size < self.rows):
+            grown = self.model.new_cache(max(self.rows, 2 * (self.cache.batch_size if self.cache else 0)),
+                                         self.capacity)
+            if self.cache is not None:
+                for old, new in zip(self.cache.keys + self.cache.values, grown.keys + grown.values, strict=True):
+                    new[: old.size(0)] = old
+            self.cache = grown
+        self.generations.append(generation)
+
+    @torch.inference_mode()
+    def step(self) -> list[Generation]:
+        now = time.monotonic()
+        for g in self.generations:
+            if g.deadline is not None and now > g.deadline:
+                g.cancel("time limit")
+        ended = [g for g in self.generations if g.stop_reason is not None]
+        self._remove(ended)
+        for g in ended:
+            g.done = True
+        if not self.generations:
+            return ended
+        logits = self._forward()
+        scores, live = [], []
+        for g in self.generations:
+            try:
+                s = finite_scores(logits[id(g)])
+                for rule in g.rules:
+                    s = rule(s, g.tokens[:, : g.length], g.start)
+                scores.append(s)
+                live.append(g)
+            except Exception as exc:  # this generation's rules failed; the others go on
+                g.error = exc
+        if live:
+            self._sample(live, torch.cat(scores))
+        finished = [g for g in self.generations if g.error is not None or g.done]
+        self._remove(finished)
+        for g in finished:
+            g.done = True
+        return ended + finished
+
+    def _forward(self) -> dict[int, torch.Tensor]:
+        """Each generation's logits for its next token [samples, V], by id."""
+        out: dict[int, torch.Tensor] = {}
+        fills = []
+        for g in self.generations:
+            moved = context_start(g.length, g.context, g.window)
+            if g.cached == 0 or moved != g.context:
+                g.context = moved
+                fills.append(g)
+        if len(fills) < len(self.generations):
+            filling = {id(g) for g in fills}
+            tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+            positions = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+            for g in self.generations:
+                if id(g) not in filling:  # a filling generation's rows get a dummy token at 0, overwritten below
+                    tokens[g.row : g.row + g.num_samples] = g.tokens[:, g.length - 1]
+                    positions[g.row : g.row + g.num_samples] = g.cached
+            step = self.step_fn(tokens, positions, self.cache)
+            for g in self.generations:
+                if id(g) not in filling:
+                    out[id(g)] = step[g.row : g.row + g.num_samples]
+                    g.cached += 1
+        for g in fills:
+            context = g.tokens[:, g.context : g.length]
+            if self.step_fn is None:
+                out[id(g)] = self.model(context)[:, -1]
+            else:
+                rows = self.cache.rows(g.row, g.row + g.num_samples)
+                out[id(g)] = self.model(context, cache=rows)[:, -1]
+                g.cached = rows.length
+        return out
+
+    def _sample(self, live: list[Generation], scores: torch.Tensor) -> None:
+        def per_row(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([v for g, v in zip(live, values, strict=True) for _ in range(g.num_samples)],
+                                dtype=dtype, device=self.device)
+
+        key = [id(g) for g in live]
+        if key != self._rows_key:  # the per-row settings, made again when the generations change
+            self._rows_key = key
+            self._settings = (
+                per_row([g.temperature for g in live], scores.dtype),
+                per_row([g.top_k for g in live], torch.long) if any(g.top_k for g in live) else None,
+                per_row([g.top_p for g in live], scores.dtype) if any(g.top_p < 1 for g in live) else None,
+                per_row([g.eos_id for g in live], torch.long),
+                any(g.temperature == 0 for g in live),
+            )
+        temperature, top_k, top_p, eos, greedy = self._settings
+        uniform = [
+            torch.rand(g.num_samples, generator=g.generator, dtype=torch.float64, device=self.device)
+            if g.temperature > 0 else torch.zeros(g.num_samples, dtype=torch.float64, device=self.device)
+            for g in live
+        ]
+        chosen = choose(scores, temperature, top_k, top_p, torch.cat(uniform) if len(uniform) > 1 else uniform[0],
+                        eos, greedy)
+        offset = 0
+        for g in live:
+            tokens = chosen[offset : offset + g.num_samples].masked_fill_(~g.active, g.eos_id)
+            offset += g.num_samples
+            g.tokens[:, g.length] = tokens
+            g.length += 1
+            try:
+                if g.on_step is not None:
+                    g.on_step(tokens, g.active)
+            except Exception as exc:
+                g.error = exc
+            g.active &= tokens != g.eos_id
+            if g.new_tokens >= g.max_new_tokens or not bool(g.active.any()):
+                g.done = True
+
+    def _remove(self, gone: list[Generation]) -> None:
+        if not gone:
+            return
+        gone_ids = {id(g) for g in gone}
+        row = 0
+        kept = []
+        for g in self.generations:
+            if id(g) in gone_ids:
+                continue
+            if g.row != row and self.cache is not None:
+                self.cache.move_rows(g.row, g.row + g.num_samples, row)
+            g.row = row
+            row += g.num_samples
+            kept.append(g)
+        self.generations, self.rows = kept, row
+
+
+def decode(model: torch.nn.Module, generation: Generation, use_cache: bool = True) -> list[list[int]]:
+    """Decode one generation alone (to its end; an error of its rules or `on_step` is raised) and return its
+    token ids (`Generation.rows`)."""
+    decoder = BatchDecoder(model, min(generation.context_length or model.max_len, model.max_len), use_cache)
+    decoder.add(generation)
+    while decoder.generations:
+        for g in decoder.step():
+            if g.error is not None:
+                raise g.error
+    return generation.rows()
