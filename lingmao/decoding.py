@@ -284,6 +284,7 @@ class BatchDecoder:
         window = min(generation.context_length or self.model.max_len, self.model.max_len)
         if self.step_fn is not None and window > self.capacity:
             raise ValueError(f"a window of {window} tokens does not fit a cache of {self.capacity}")
+        generation.top_k = min(generation.top_k, self.model.vocab_size)  # more is all of them
         generation.begin(self.device, window)
         if generation.done:
             return
