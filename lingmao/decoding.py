@@ -30,7 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # (scores [samples, V], tokens [samples, T], start) -> scores: the rows' next-token scores, the tokens so far (the
-# prompt is tokens[:, :start]); -inf marks a token that may not come next.
+# prompt is tokens[:, :start]); -inf marks a token that may not come next. A rule may change `scores` in place
+# (they are its generation's own rows) and return them.
 Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepMask = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -83,13 +84,14 @@ class Banned:
     """These tokens are never sampled."""
 
     def __init__(self, ids: Sequence[int], vocab_size: int) -> None:
-        self.mask = torch.zeros(vocab_size, dtype=torch.bool)
-        self.mask[torch.tensor(list(ids), dtype=torch.long)] = True
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        if len(self.ids) and not 0 <= int(self.ids.min()) <= int(self.ids.max()) < vocab_size:
+            raise ValueError(f"banned token ids must be in [0, {vocab_size})")
 
     def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if self.mask.device != scores.device:
-            self.mask = self.mask.to(scores.device)
-        return scores.masked_fill(self.mask, float("-inf"))
+        if self.ids.device != scores.device:
+            self.ids = self.ids.to(scores.device)
+        return scores.index_fill_(1, self.ids, float("-inf"))
 
 
 class AllowedTokens:
@@ -100,7 +102,7 @@ class AllowedTokens:
         self.mask = mask
 
     def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        return scores.masked_fill(~self.mask(tokens.size(1) - start, tokens[:, start:]), float("-inf"))
+        return scores.masked_fill_(~self.mask(tokens.size(1) - start, tokens[:, start:]), float("-inf"))
 
 
 def sorted_descending(x: torch.Tensor) -> torch.Tensor:
@@ -149,34 +151,34 @@ def choose(
     scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
     uniform: torch.Tensor, fallback: torch.Tensor, greedy: bool | None = None,
 ) -> torch.Tensor:
-    """The next token of each row: scores [R, V] (-inf = not allowed), one temperature (0 = greedy), top_k,
-    top_p (None: off for every row), uniform draw in [0, 1) and fallback token (for a row that allows no token)
-    per row; `greedy`: whether some row is greedy (None: find out).
+    """The next token of each row: scores [R, V] (finite, or -inf = not allowed), one temperature (0 = greedy),
+    top_k, top_p (None: off for every row), uniform draw in [0, 1) and fallback token (for a row that allows no
+    token) per row; `greedy`: whether some row is greedy (None: find out).
 
-    Sampling is by the inverse of the cumulative distribution, in float64: the first token where the running
-    sum of probabilities exceeds `uniform` times their total (kept below the total), so a token of probability 0
-    is never chosen. The scores are shifted so that each row's best is 0 before they are divided by the
-    temperature: the probabilities are finite for any finite scores and temperature > 0 (the best token's
-    exp(0) = 1 is in every sum)."""
+    Sampling is by the inverse of the cumulative distribution: the first token where the running sum of
+    probabilities exceeds `uniform` times their total (kept below the total), so a token of probability 0 is
+    never chosen. The scores are shifted so that each row's best is 0 before they are divided by the
+    temperature: for any finite scores and temperature > 0 the best token's exp(0) = 1 is in every sum, and the
+    probabilities are finite."""
     top = scores.amax(-1, keepdim=True)
-    none = top == float("-inf")
+    none = top.squeeze(1) == float("-inf")
     if bool(none.any()):
-        top = top.masked_fill(none, 0.0)
-        scores = scores.masked_fill(none, 0.0)  # any token: the fallback replaces it below
+        top = top.masked_fill(none.unsqueeze(1), 0.0)
+        scores = scores.masked_fill(none.unsqueeze(1), 0.0)  # any token: the fallback replaces it below
     sampling = temperature > 0
     if greedy is None:
         greedy = not bool(sampling.all())
-    t = torch.where(sampling, temperature, 1.0).unsqueeze(1) if greedy else temperature.unsqueeze(1)
-    z = (scores - top) / t
+    t = torch.where(sampling, temperature, 1.0) if greedy else temperature
+    z = (scores - top) / t.unsqueeze(1)
     if top_k is not None or top_p is not None:
         z = filter_logits(z, top_k, 1.0 if top_p is None else top_p)
-    cdf = torch.softmax(z, dim=-1).double().cumsum_(-1)
+    cdf = torch.softmax(z, dim=-1).cumsum_(-1)
     total = cdf[:, -1:]
-    target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(uniform.unsqueeze(1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
     chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
     if greedy:
         chosen = torch.where(sampling, chosen, scores.argmax(-1))
-    return torch.where(none.squeeze(1), fallback, chosen)
+    return torch.where(none, fallback, chosen)
 
 
 class Generation:
@@ -215,7 +217,7 @@ class Generation:
         self.generator: torch.Generator | None = None
         self.window = 0  # the most tokens the model sees at once (set by the decoder)
         self.context = 0  # where the model's context begins in `tokens`
-        self.cached = 0  # tokens of the context in this generation's rows of the cache (0: run the whole context)
+        self.filled = False  # whether its rows of the cache hold its context (else: run the whole context)
         self.row = 0  # its first row in the decoder's cache
         self.stop_reason: str | None = None
         self.error: BaseException | None = None
@@ -264,7 +266,11 @@ class BatchDecoder:
     that ended, done or stopped (`stop_reason`) or failed (`error`: a rule or `on_step` raised). `capacity` is the
     cache's length in tokens: a generation's window must not exceed it, and decoded alone it gets the same
     arithmetic only in a decoder of the same capacity (the server uses the model's context length for all).
-    `use_cache=False` runs every generation's context through the model at every step."""
+    `use_cache=False` runs every generation's context through the model at every step.
+
+    Each generation holds rows `row .. row + num_samples - 1` of the cache and of the per-row state kept here (the
+    newest token, the cache position of the next one, whether the sample is still going); the rows of a
+    generation that ends are closed up."""
 
     def __init__(self, model: torch.nn.Module, capacity: int | None = None, use_cache: bool = True) -> None:
         self.model = model
@@ -274,7 +280,10 @@ class BatchDecoder:
         self.cache: Any = None
         self.generations: list[Generation] = []
         self.rows = 0
-        self._rows_key: list[int] = []
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows] newest token
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows] where it goes in the cache
+        self.active = torch.zeros(0, dtype=torch.bool, device=self.device)  # [rows] not ended by <eos>
+        self._settings_of: list[int] = []
         self._settings: tuple = ()
 
     def __len__(self) -> int:
@@ -288,8 +297,12 @@ class BatchDecoder:
         generation.begin(self.device, window)
         if generation.done:
             return
+        n = generation.num_samples
         generation.row = self.rows
-        self.rows += generation.num_samples
+        self.rows += n
+        self.last = torch.cat([self.last, torch.zeros(n, dtype=torch.long, device=self.device)])
+        self.positions = torch.cat([self.positions, torch.zeros(n, dtype=torch.long, device=self.device)])
+        self.active = torch.cat([self.active, torch.ones(n, dtype=torch.bool, device=self.device)])
         if self.step_fn is not None and (self.cache is None or self.cache.batch_size < self.rows):
             grown = self.model.new_cache(max(self.rows, 2 * (self.cache.batch_size if self.cache else 0)),
                                          self.capacity)
@@ -307,69 +320,65 @@ class BatchDecoder:
                 g.cancel("time limit")
         ended = [g for g in self.generations if g.stop_reason is not None]
         self._remove(ended)
-        for g in ended:
-            g.done = True
         if not self.generations:
             return ended
-        logits = self._forward()
-        scores, live = [], []
+        scores = finite_scores(self._forward())
         for g in self.generations:
+            rows = scores[g.row : g.row + g.num_samples]
             try:
-                s = finite_scores(logits[id(g)])
+                s = rows
                 for rule in g.rules:
                     s = rule(s, g.tokens[:, : g.length], g.start)
-                scores.append(s)
-                live.append(g)
+                if s is not rows:
+                    rows.copy_(s)
             except Exception as exc:  # this generation's rules failed; the others go on
                 g.error = exc
-        if live:
-            self._sample(live, torch.cat(scores))
+        self._sample(scores)
         finished = [g for g in self.generations if g.error is not None or g.done]
         self._remove(finished)
-        for g in finished:
-            g.done = True
         return ended + finished
 
-    def _forward(self) -> dict[int, torch.Tensor]:
-        """Each generation's logits for its next token [samples, V], by id."""
-        out: dict[int, torch.Tensor] = {}
+    def _forward(self) -> torch.Tensor:
+        """The logits of every row's next token [rows, V]."""
         fills = []
         for g in self.generations:
             moved = context_start(g.length, g.context, g.window)
-            if g.cached == 0 or moved != g.context:
+            if not g.filled or moved != g.context:
                 g.context = moved
                 fills.append(g)
+        out = None
         if len(fills) < len(self.generations):
-            filling = {id(g) for g in fills}
-            tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
-            positions = torch.zeros(self.rows, dtype=torch.long, device=self.device)
-            for g in self.generations:
-                if id(g) not in filling:  # a filling generation's rows get a dummy token at 0, overwritten below
-                    tokens[g.row : g.row + g.num_samples] = g.tokens[:, g.length - 1]
-                    positions[g.row : g.row + g.num_samples] = g.cached
-            step = self.step_fn(tokens, positions, self.cache)
-            for g in self.generations:
-                if id(g) not in filling:
-                    out[id(g)] = step[g.row : g.row + g.num_samples]
-                    g.cached += 1
+            # One step for every row; a filling generation's rows get a dummy token at position 0, which its
+            # prefill below overwrites, and their logits are replaced.
+            for g in fills:
+                self.last[g.row : g.row + g.num_samples] = 0
+                self.positions[g.row : g.row + g.num_samples] = 0
+            out = self.step_fn(self.last, self.positions, self.cache)
+            self.positions += 1
         for g in fills:
             context = g.tokens[:, g.context : g.length]
             if self.step_fn is None:
-                out[id(g)] = self.model(context)[:, -1]
+                logits = self.model(context)[:, -1]
             else:
                 rows = self.cache.rows(g.row, g.row + g.num_samples)
-                out[id(g)] = self.model(context, cache=rows)[:, -1]
-                g.cached = rows.length
+                logits = self.model(context, cache=rows)[:, -1]
+                self.positions[g.row : g.row + g.num_samples] = rows.length
+            g.filled = self.step_fn is not None  # without a cache, the context runs again at the next step
+            if out is None:
+                out = torch.empty(self.rows, logits.size(-1), dtype=logits.dtype, device=self.device)
+            out[g.row : g.row + g.num_samples] = logits
         return out
 
-    def _sample(self, live: list[Generation], scores: torch.Tensor) -> None:
+    def _sample(self, scores: torch.Tensor) -> None:
+        live = self.generations
+
         def per_row(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([v for g, v in zip(live, values, strict=True) for _ in range(g.num_samples)],
                                 dtype=dtype, device=self.device)
 
         key = [id(g) for g in live]
-        if key != self._rows_key:  # the per-row settings, made again when the generations change
-            self._rows_key = key
+        if key != self._settings_of:  # the per-row settings, made again when the generations change
+            self._settings_of = key
             self._settings = (
                 per_row([g.temperature for g in live], scores.dtype),
                 per_row([g.top_k for g in live], torch.long) if any(g.top_k for g in live) else None,
@@ -379,41 +388,51 @@ class BatchDecoder:
             )
         temperature, top_k, top_p, eos, greedy = self._settings
         uniform = [
-            torch.rand(g.num_samples, generator=g.generator, dtype=torch.float64, device=self.device)
-            if g.temperature > 0 else torch.zeros(g.num_samples, dtype=torch.float64, device=self.device)
+            torch.rand(g.num_samples, generator=g.generator, device=self.device)
+            if g.temperature > 0 else torch.zeros(g.num_samples, device=self.device)
             for g in live
         ]
         chosen = choose(scores, temperature, top_k, top_p, torch.cat(uniform) if len(uniform) > 1 else uniform[0],
                         eos, greedy)
-        offset = 0
+        chosen = torch.where(self.active, chosen, eos)
+        was_active, self.last = self.active, chosen
+        self.active = was_active & (chosen != eos)
+        going = self.active.tolist()
         for g in live:
-            tokens = chosen[offset : offset + g.num_samples].masked_fill_(~g.active, g.eos_id)
-            offset += g.num_samples
+            if g.error is not None:  # its rules failed: no token
+                continue
+            rows = slice(g.row, g.row + g.num_samples)
+            tokens = chosen[rows]
             g.tokens[:, g.length] = tokens
             g.length += 1
             try:
                 if g.on_step is not None:
-                    g.on_step(tokens, g.active)
+                    g.on_step(tokens, was_active[rows])
             except Exception as exc:
                 g.error = exc
-            g.active &= tokens != g.eos_id
-            if g.new_tokens >= g.max_new_tokens or not bool(g.active.any()):
+            g.active = self.active[rows]
+            if g.new_tokens >= g.max_new_tokens or not any(going[rows]):
                 g.done = True
 
     def _remove(self, gone: list[Generation]) -> None:
+        for g in gone:
+            g.done = True
         if not gone:
             return
         gone_ids = {id(g) for g in gone}
-        row = 0
-        kept = []
+        row, kept, keep_rows = 0, [], []
         for g in self.generations:
             if id(g) in gone_ids:
                 continue
             if g.row != row and self.cache is not None:
                 self.cache.move_rows(g.row, g.row + g.num_samples, row)
+            keep_rows.extend(range(g.row, g.row + g.num_samples))
             g.row = row
             row += g.num_samples
             kept.append(g)
+        index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
+        self.last, self.positions, self.active = (t.index_select(0, index) for t in (self.last, self.positions,
+                                                                                     self.active))
         self.generations, self.rows = kept, row
 
 

@@ -94,6 +94,24 @@ def check_text(name: str, text: str | None, newlines: bool = False) -> None:
         raise LingmaoError(f"{name}: {problem}")
 
 
+_PIECES: dict[int, tuple[Any, list[str]]] = {}
+
+
+def token_pieces(tok: Any) -> list[str]:
+    """The text of every token id (\"\" for none), remembered per tokenizer object and vocabulary size (reading a
+    vocabulary of 6,000 tokens takes milliseconds, which every request would pay otherwise)."""
+    size = tok.get_vocab_size()
+    known = _PIECES.get(id(tok))
+    if known is None or known[0] is not tok or len(known[1]) != size:
+        pieces = [""] * size
+        for piece, i in tok.get_vocab().items():
+            pieces[i] = piece
+        if len(_PIECES) >= 8:
+            _PIECES.pop(next(iter(_PIECES)))
+        known = _PIECES[id(tok)] = (tok, pieces)
+    return known[1]
+
+
 def sampling_rules(
     vocab_size: int, repetition_penalty: float = 1.0, penalty_tokens: torch.Tensor | None = None,
     banned: list[int] | None = None, step_mask: StepMask | None = None,
@@ -222,7 +240,7 @@ def prepare(
         )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
     eligible = vocab_tables(tok).han
-    pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
+    pieces = token_pieces(tok)
 
     on_step = None
     if on_token is not None or (stream is not None and num_samples == 1):
