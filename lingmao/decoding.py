@@ -113,33 +113,33 @@ def sorted_descending(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True).values
 
 
-def filter_logits(
-    logits: torch.Tensor, top_k: int | torch.Tensor | None, top_p: float | torch.Tensor
+def filter_probs(
+    probs: torch.Tensor, top_k: int | torch.Tensor | None, top_p: float | torch.Tensor
 ) -> torch.Tensor:
-    """Keep the `top_k` best tokens and the smallest set of best tokens whose probability reaches `top_p`
-    (-inf elsewhere); tokens tied with the last one kept are kept too.
+    """Keep the `top_k` likeliest tokens, then the smallest set of likeliest tokens that holds `top_p` of what is
+    left (probability 0 elsewhere, not renormalised); tokens tied with the last one kept are kept too.
 
-    `top_k` and `top_p` are numbers or one per row (top_k 0 and top_p 1 leave a row as it is). Each row is
-    filtered on its own values only."""
-    rows, vocab = logits.shape
-    k = torch.as_tensor(0 if top_k is None else top_k, device=logits.device).expand(rows)
-    p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device).expand(rows)
+    probs [R, V]; `top_k` and `top_p` are numbers or one per row (top_k 0 and top_p 1 leave a row as it is).
+    Each row is filtered on its own values only."""
+    rows, vocab = probs.shape
+    k = torch.as_tensor(0 if top_k is None else top_k, device=probs.device).expand(rows)
+    p = torch.as_tensor(top_p, dtype=probs.dtype, device=probs.device).expand(rows)
     by_k, by_p = (k > 0) & (k < vocab), p < 1
     if not bool((by_k | by_p).any()):
-        return logits
-    ranked = sorted_descending(logits)
+        return probs
+    ranked = sorted_descending(probs)
     if bool(by_k.any()):
-        kth = ranked.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1))
-        kth = kth.masked_fill(~by_k.unsqueeze(1), float("-inf"))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-        ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+        kth = ranked.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1)).masked_fill_(~by_k.unsqueeze(1), 0.0)
+        probs = torch.where(probs >= kth, probs, 0.0)
+        ranked = torch.where(ranked >= kth, ranked, 0.0)
     if bool(by_p.any()):
-        probs = torch.softmax(ranked, dim=-1)
-        # A token stays while the tokens ranked before it hold less than top_p (the best one always stays).
-        kept = ((torch.cumsum(probs, dim=-1) - probs) < p.unsqueeze(1)).sum(-1, keepdim=True)
-        last = ranked.gather(1, kept.clamp(min=1) - 1).masked_fill(~by_p.unsqueeze(1), float("-inf"))
-        logits = logits.masked_fill(logits < last, float("-inf"))
-    return logits
+        # A token stays while the likelier ones hold less than top_p of the total (the likeliest always stays).
+        running = ranked.cumsum(-1)
+        before = (running - ranked).contiguous()
+        kept = torch.searchsorted(before, (p.unsqueeze(1) * running[:, -1:]).contiguous(), right=False)
+        last = ranked.gather(1, kept.clamp_(1, vocab) - 1).masked_fill_(~by_p.unsqueeze(1), 0.0)
+        probs = torch.where(probs >= last, probs, 0.0)
+    return probs
 
 
 def finite_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -169,10 +169,10 @@ def choose(
     if greedy is None:
         greedy = not bool(sampling.all())
     t = torch.where(sampling, temperature, 1.0) if greedy else temperature
-    z = (scores - top) / t.unsqueeze(1)
+    probs = torch.softmax((scores - top) / t.unsqueeze(1), dim=-1)
     if top_k is not None or top_p is not None:
-        z = filter_logits(z, top_k, 1.0 if top_p is None else top_p)
-    cdf = torch.softmax(z, dim=-1).cumsum_(-1)
+        probs = filter_probs(probs, top_k, 1.0 if top_p is None else top_p)
+    cdf = probs.cumsum_(-1)
     total = cdf[:, -1:]
     target = torch.minimum(uniform.unsqueeze(1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
     chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)

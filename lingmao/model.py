@@ -345,11 +345,12 @@ class DecodeStep:
     exactly the logits it gets alone.
 
     The weights are copied at construction, transposed, and q, k and v fused into one [d, 3d] matrix (one
-    product instead of three; the model keeps its three, so exports and checkpoints are unchanged). That is one
-    more copy of the model's matrices in memory. A model trained further needs a new DecodeStep.
+    product instead of three; the model keeps its three, so exports and checkpoints are unchanged; `fuse_qkv=False`
+    keeps three, for comparison). That is one more copy of the model's matrices in memory. A model trained further
+    needs a new DecodeStep.
     """
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, fuse_qkv: bool = True) -> None:
         def t(w: torch.Tensor) -> torch.Tensor:
             return w.detach().t().contiguous()
 
@@ -372,7 +373,9 @@ class DecodeStep:
                 qk_weight = torch.cat([torch.full((h, hd), hd**-0.5), torch.ones(h, hd)]).to(attn.q.weight)
             self.layers.append({
                 "attn_norm": norm(block.attn_norm), "qk_weight": qk_weight,
-                "qkv": t(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight])), "proj": t(attn.proj.weight),
+                "qkv": [t(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))] if fuse_qkv
+                else [t(attn.q.weight), t(attn.k.weight), t(attn.v.weight)],
+                "proj": t(attn.proj.weight),
                 "mlp_norm": norm(block.mlp_norm), "fc": t(mlp.fc.weight),
                 "gate": t(mlp.gate.weight) if mlp.gate is not None else None, "down": t(mlp.proj.weight),
             })
@@ -396,7 +399,9 @@ class DecodeStep:
         slots = ((torch.arange(b, device=tokens.device) * h).unsqueeze(1) + torch.arange(h, device=tokens.device))
         slots = (slots * cache.capacity + positions.unsqueeze(1)).reshape(-1)
         for i, layer in enumerate(self.layers):
-            qkv = _rows_times(_rms(x, layer["attn_norm"]), layer["qkv"])
+            hidden = _rms(x, layer["attn_norm"])
+            qkv = torch.cat([_rows_times(hidden, w) for w in layer["qkv"]], -1) if len(layer["qkv"]) > 1 \
+                else _rows_times(hidden, layer["qkv"][0])
             qk, v = qkv[:, : 2 * d].view(b, 2 * h, hd), qkv[:, 2 * d :].reshape(b * h, hd)
             if self.qk_norm:
                 qk = F.rms_norm(qk, (hd,))

@@ -3,13 +3,11 @@ rows do not depend on each other; the sampler copes with any logits a model retu
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from lingmao.decoding import BatchDecoder, Generation, choose, decode, filter_logits
+from lingmao.decoding import BatchDecoder, Generation, choose, decode, filter_probs
 from lingmao.model import GPT, ModelConfig, _rows_times
 from lingmao.sampling import sample_ids, sampling_rules
 
@@ -245,8 +243,10 @@ def test_choose_at_the_edges():
     assert greedy.tolist() == [2, 9, 0]
 
 
-def test_filter_logits_per_row():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    out = filter_logits(logits, torch.tensor([0, 2, 0]), torch.tensor([0.7, 1.0, 1.0]))
-    kept = [[not math.isinf(x) for x in row] for row in out.tolist()]
-    assert kept == [[True, True, False, False], [True, True, False, False], [True] * 4]
+def test_filter_probs_per_row():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4)
+    out = filter_probs(probs, torch.tensor([0, 2, 0, 3]), torch.tensor([0.7, 1.0, 1.0, 0.8]))
+    # top_p 0.7: 0.5 + 0.3 reach it; top_k 2; neither; top_k 3, then 0.8 of the 0.95 left: 0.5 + 0.3 reach it
+    assert (out > 0).tolist() == [[True, True, False, False], [True, True, False, False], [True] * 4,
+                                  [True, True, False, False]]
+    assert torch.equal(out[out > 0], probs[out > 0])  # kept as they were

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http.client
+import importlib.util
 import itertools
 import json
 import logging
@@ -705,6 +706,20 @@ def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
     lines = [r.getMessage() for r in caplog.records[after[0]:]]
     assert lines == [f"{sig.name}: stopped, 1 generation in flight cancelled"], lines
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+
+
+@pytest.mark.slow
+def test_bench_serve_prints_both_servers(model_dir, capsys):
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parent.parent / "scripts" /
+                                                  "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model-dir", str(model_dir), "--clients", "1", "3", "--rounds", "2", "--form", "wujue"]) == 0
+    out = capsys.readouterr().out
+    for clients, mode in itertools.product((1, 3), ("batched", "one at a time")):
+        assert re.search(rf"^ +{clients}  {mode} +{2 * clients} +\d+ +[\d.]+ +[\d.]+$", out, re.M), out
+    assert "throughput at 3 clients, batched / one at a time" in out
+    assert "same texts batched and one at a time: yes" in out
 
 
 def test_config_file_defaults_are_the_dataclass_defaults(conf_dir):
