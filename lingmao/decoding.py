@@ -434,6 +434,8 @@ class BatchDecoder:
         self.last, self.positions, self.active = (t.index_select(0, index) for t in (self.last, self.positions,
                                                                                      self.active))
         self.generations, self.rows = kept, row
+        if not kept:
+            self.cache = None  # its memory goes back while nothing is decoded
 
 
 def decode(model: torch.nn.Module, generation: Generation, use_cache: bool = True) -> list[list[int]]:

@@ -387,17 +387,21 @@ class DecodeStep:
         # `apply_rope`, in fewer operations.
         cos, sin = model.rope_cos, model.rope_sin
         self.cos, self.sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+        self._slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by (rows, capacity)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         b, h, hd, d = tokens.size(0), self.nhead, self.head_dim, self.d_model
         half = hd // 2
         x = F.embedding(tokens, self.embedding)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, hd]
-        later = torch.arange(cache.capacity, device=tokens.device) > positions.unsqueeze(1)
-        later = later[:, None, None, :]  # [B, 1, 1, capacity]: not yet written (or stale)
-        # Where each row's new key and value go in a layer's cache, as rows of its [B * heads * capacity, hd] view.
-        slots = ((torch.arange(b, device=tokens.device) * h).unsqueeze(1) + torch.arange(h, device=tokens.device))
-        slots = (slots * cache.capacity + positions.unsqueeze(1)).reshape(-1)
+        known = self._slots.get((b, cache.capacity))
+        if known is None:  # where (row, head) begins in a layer's cache viewed as [B * heads * capacity, hd]
+            known = (torch.arange(b * h, device=tokens.device).view(b, h) * cache.capacity,
+                     torch.arange(cache.capacity, device=tokens.device))
+            self._slots[b, cache.capacity] = known
+        first, places = known
+        slots = (first + positions.unsqueeze(1)).view(-1)  # where each row's new key and value go
+        later = (places > positions.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, capacity]: not yet written, or stale
         for i, layer in enumerate(self.layers):
             hidden = _rms(x, layer["attn_norm"])
             qkv = torch.cat([_rows_times(hidden, w) for w in layer["qkv"]], -1) if len(layer["qkv"]) > 1 \
@@ -409,8 +413,8 @@ class DecodeStep:
             qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), -1) * sin
             q, k = qk[:, :h].unsqueeze(2), qk[:, h:].reshape(b * h, hd)  # q [B, heads, 1, hd]
             keys, values = cache.keys[i][:b], cache.values[i][:b]
-            keys.view(-1, hd).index_copy_(0, slots, k.to(keys.dtype))
-            values.view(-1, hd).index_copy_(0, slots, v.to(values.dtype))
+            keys.view(-1, hd).index_copy_(0, slots, k if k.dtype == keys.dtype else k.to(keys.dtype))
+            values.view(-1, hd).index_copy_(0, slots, v if v.dtype == values.dtype else v.to(values.dtype))
             scores = (q @ keys.transpose(-1, -2)).masked_fill_(later, float("-inf"))
             y = torch.softmax(scores, dim=-1) @ values  # [B, heads, 1, hd]
             x = x + _rows_times(y.view(b, d), layer["proj"])

@@ -57,6 +57,36 @@ def test_decode_step_rows_do_not_depend_on_the_other_rows(model):
         assert torch.equal(step(tokens[i : i + 1], positions[i : i + 1], alone), together[i : i + 1]), i
 
 
+def test_exports_keep_q_k_v_apart_and_the_fused_step_decodes_them(model, tmp_path):
+    """The decoding step fuses q, k and v when it is made; the model and its exports keep the three matrices, so
+    exports written before load as they are, and the fused step gives the logits of the model's own forward."""
+    from safetensors import safe_open
+
+    from lingmao.data.tokenizer import train_tokenizer
+    from lingmao.export import export_model, load_model
+
+    tok = train_tokenizer(["春眠不觉晓，处处闻啼鸟。"] * 3)
+    torch.manual_seed(3)
+    cfg = ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=64)
+    source = GPT(cfg, tok.get_vocab_size()).eval()
+    for block in source.blocks:
+        nn.init.normal_(block.attn.proj.weight, std=0.3)
+    directory = export_model(tmp_path / "export", source, tok, cfg)
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight", "blocks.0.attn.v.weight"} <= keys
+    loaded = load_model(directory).model
+    tokens = torch.tensor([[2, 5, 7, 9, 4, 6]])
+    with torch.inference_mode():
+        cache = loaded.new_cache(1, 16)
+        loaded(tokens[:, :3], cache=cache)
+        step = loaded.decode_step()
+        for t in range(3, tokens.size(1)):
+            fused = step(tokens[:, t], torch.tensor([t]), cache)
+            reference = source(tokens[:, : t + 1])[:, -1]
+            assert torch.allclose(fused, reference, atol=1e-5), (fused - reference).abs().max()
+
+
 class Alternating:
     """A rule with state of its own (like a verse form's): each sample alternates between even and odd tokens,
     starting with the parity of its first token."""
