@@ -467,7 +467,7 @@ def test_concurrent_requests_are_decoded_together_and_keep_their_texts(lm):
     limits = dataclasses.replace(LIMITS, max_concurrent=4)
     with TestClient(create_app(lm, limits), base_url=BASE) as c:
         sequential = [texts(c.post("/api/generate", json=b)) for b in bodies]
-    with slow_decoding(lm, 0.005) as rows, TestClient(create_app(lm, limits), base_url=BASE) as c:
+    with slow_decoding(lm, 0.02) as rows, TestClient(create_app(lm, limits), base_url=BASE) as c:
         with ThreadPoolExecutor(len(bodies)) as pool:
             together = [texts(r) for r in pool.map(lambda b: c.post("/api/generate", json=b), bodies)]
     assert together == sequential
@@ -518,7 +518,7 @@ def test_the_job_deadline_is_its_arrival_plus_the_limit(lm):
 
 def test_past_the_queue_busy_with_retry_after(lm):
     limits = dataclasses.replace(LIMITS, max_concurrent=1, max_queued=1)
-    with slow_decoding(lm, 0.05):
+    with slow_decoding(lm, 0.1):  # the first request holds its place for 6 s at least
         app = create_app(lm, limits)
     batcher = app.state.batcher
     try:
@@ -581,7 +581,7 @@ def asgi_call(app, path: str, body: dict, leave: Callable[[list[dict]], bool]) -
 
 @pytest.mark.parametrize("endpoint", ["/api/generate", "/api/generate/stream"])
 def test_a_client_that_goes_away_cancels_its_generation(lm, endpoint):
-    with slow_decoding(lm, 0.01):
+    with slow_decoding(lm, 0.03):  # 2 s for the whole generation at least
         app = create_app(lm, LIMITS)
     batcher, submitted = app.state.batcher, []
     submit = batcher.submit
@@ -605,7 +605,7 @@ def test_a_client_that_goes_away_cancels_its_generation(lm, endpoint):
 
 
 def test_a_client_that_goes_away_while_waiting_frees_its_place(lm):
-    with slow_decoding(lm, 0.02):
+    with slow_decoding(lm, 0.05):  # 3 s for the generation ahead at least
         app = create_app(lm, dataclasses.replace(LIMITS, max_concurrent=1, max_queued=1))
     batcher = app.state.batcher
     try:
