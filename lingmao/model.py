@@ -14,6 +14,7 @@ One `ModelConfig` describes both architectures; `build_model(config, vocab_size)
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -136,9 +137,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the tokens decoded so far, per layer: [batch, heads, capacity, head_dim] buffers.
+    """Keys and values of the tokens decoded so far, per layer: [batch, heads, capacity, head_dim] buffers,
+    allocated once.
 
-    `GPT.forward(idx, cache=...)` appends the keys and values of `idx` and attends over everything cached.
+    `GPT.forward(idx, cache=...)` appends the keys and values of `idx` and attends over everything cached; all
+    rows then hold the same number of tokens (`length`). `DecodeStep` instead advances each row at a position of
+    its own, which its caller keeps; `rows` gives a cache of some rows (the same buffers) for a `forward` of
+    those rows alone.
     """
 
     def __init__(self, num_layers: int, batch_size: int, nhead: int, head_dim: int, capacity: int,
@@ -158,6 +163,24 @@ class KVCache:
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].size(0) if self.keys else 0
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) of this cache as a cache of their own: the same memory, an empty `length`."""
+        view = copy.copy(self)
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.length = 0
+        return view
+
+    def move_rows(self, start: int, stop: int, to: int) -> None:
+        """Copy rows [start, stop) to rows [to, to + stop - start) (the ranges may overlap)."""
+        for buffers in (self.keys, self.values):
+            for b in buffers:
+                b[to : to + stop - start] = b[start:stop].clone()
 
 
 class CausalSelfAttention(nn.Module):
@@ -293,6 +316,122 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token at context `seq_len` (see `train_flops_per_token`)."""
         return train_flops_per_token(self.config, self.vocab_size, seq_len)
+
+    def decode_step(self) -> DecodeStep:
+        """A `DecodeStep` with this model's weights as they are now."""
+        return DecodeStep(self)
+
+
+def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] @ w [in, out], computed with at least two rows (see `DecodeStep`)."""
+    if x.size(0) == 1:
+        return (x.expand(2, -1) @ w)[:1]
+    return x @ w
+
+
+class DecodeStep:
+    """The next token's logits for each of several sequences at once, each at a position of its own: the
+    decoding step of a `GPT`, with the arithmetic of every row independent of the other rows.
+
+    `step(tokens [B], positions [B], cache)` takes row i's newest token, stores its keys and values at
+    `positions[i]` in row i of `cache` (whose rows 0..B-1 hold what each sequence has cached) and returns
+    logits [B, vocab]. Row i of the result depends on row i's token, position and cache only, bit for bit: every
+    operation is row-wise (embedding, RMSNorm, rotary positions, attention over the row's own cache at its full
+    capacity, positions past the row's masked), and the matrix products are `x @ W` with W laid out [in, out]
+    and at least two rows. A CPU BLAS computes one row (a matrix-vector product) with another kernel than
+    several rows, and rounds differently, and for W laid out [out, in] (`F.linear`) it changes kernels with the
+    number of rows; in this layout, from two rows up, each row comes out the same whatever the others
+    (tests/test_batching.py checks it on the machine it runs on). So a sequence decoded beside others gets
+    exactly the logits it gets alone.
+
+    The weights are copied at construction, transposed, and q, k and v fused into one [d, 3d] matrix (one
+    product instead of three; the model keeps its three, so exports and checkpoints are unchanged; `fuse_qkv=False`
+    keeps three, for comparison). That is one more copy of the model's matrices in memory. A model trained further
+    needs a new DecodeStep.
+    """
+
+    def __init__(self, model: GPT, fuse_qkv: bool = True) -> None:
+        def t(w: torch.Tensor) -> torch.Tensor:
+            return w.detach().t().contiguous()
+
+        def norm(m: nn.Module) -> tuple[torch.Tensor, float | None]:
+            return m.weight.detach(), m.eps
+
+        config = model.config
+        h, hd = config.nhead, config.d_model // config.nhead
+        self.nhead, self.head_dim, self.d_model = h, hd, config.d_model
+        self.activation = config.activation
+        self.layers = []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            # Queries and keys are normalised together, each head with its weights; the queries' carry the
+            # attention's 1/sqrt(hd).
+            if config.qk_norm:
+                qk_weight = torch.cat([attn.q_norm.weight.detach().expand(h, hd) * hd**-0.5,
+                                       attn.k_norm.weight.detach().expand(h, hd)])
+            else:
+                qk_weight = torch.cat([torch.full((h, hd), hd**-0.5), torch.ones(h, hd)]).to(attn.q.weight)
+            self.layers.append({
+                "attn_norm": norm(block.attn_norm), "qk_weight": qk_weight,
+                "qkv": [t(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))] if fuse_qkv
+                else [t(attn.q.weight), t(attn.k.weight), t(attn.v.weight)],
+                "proj": t(attn.proj.weight),
+                "mlp_norm": norm(block.mlp_norm), "fc": t(mlp.fc.weight),
+                "gate": t(mlp.gate.weight) if mlp.gate is not None else None, "down": t(mlp.proj.weight),
+            })
+        self.qk_norm = config.qk_norm
+        self.embedding = model.embedding.weight.detach()
+        self.norm = norm(model.norm)
+        self.head = t(model.head.weight)
+        # Rotary positions as x * cos + rotate(x) * sin, rotate(x) = (x2, x1): the same products and sums as
+        # `apply_rope`, in fewer operations.
+        cos, sin = model.rope_cos, model.rope_sin
+        self.cos, self.sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+        self._slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by (rows, capacity)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        b, h, hd, d = tokens.size(0), self.nhead, self.head_dim, self.d_model
+        half = hd // 2
+        x = F.embedding(tokens, self.embedding)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, hd]
+        known = self._slots.get((b, cache.capacity))
+        if known is None:  # where (row, head) begins in a layer's cache viewed as [B * heads * capacity, hd]
+            known = (torch.arange(b * h, device=tokens.device).view(b, h) * cache.capacity,
+                     torch.arange(cache.capacity, device=tokens.device))
+            self._slots[b, cache.capacity] = known
+        first, places = known
+        slots = (first + positions.unsqueeze(1)).view(-1)  # where each row's new key and value go
+        later = (places > positions.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, capacity]: not yet written, or stale
+        for i, layer in enumerate(self.layers):
+            hidden = _rms(x, layer["attn_norm"])
+            qkv = torch.cat([_rows_times(hidden, w) for w in layer["qkv"]], -1) if len(layer["qkv"]) > 1 \
+                else _rows_times(hidden, layer["qkv"][0])
+            qk, v = qkv[:, : 2 * d].view(b, 2 * h, hd), qkv[:, 2 * d :].reshape(b * h, hd)
+            if self.qk_norm:
+                qk = F.rms_norm(qk, (hd,))
+            qk = qk * layer["qk_weight"]
+            qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), -1) * sin
+            q, k = qk[:, :h].unsqueeze(2), qk[:, h:].reshape(b * h, hd)  # q [B, heads, 1, hd]
+            keys, values = cache.keys[i][:b], cache.values[i][:b]
+            keys.view(-1, hd).index_copy_(0, slots, k if k.dtype == keys.dtype else k.to(keys.dtype))
+            values.view(-1, hd).index_copy_(0, slots, v if v.dtype == values.dtype else v.to(values.dtype))
+            scores = (q @ keys.transpose(-1, -2)).masked_fill_(later, float("-inf"))
+            y = torch.softmax(scores, dim=-1) @ values  # [B, heads, 1, hd]
+            x = x + _rows_times(y.view(b, d), layer["proj"])
+            hidden = _rms(x, layer["mlp_norm"])
+            up = _rows_times(hidden, layer["fc"])
+            if layer["gate"] is not None:
+                up = F.silu(_rows_times(hidden, layer["gate"])) * up
+            elif self.activation == "relu2":
+                up = F.relu(up).square()
+            else:
+                up = F.gelu(up)
+            x = x + _rows_times(up, layer["down"])
+        return _rows_times(_rms(x, self.norm), self.head)
+
+
+def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float | None]) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), norm[0], norm[1])
 
 
 # ----------------------------------------------------------------------------------------------

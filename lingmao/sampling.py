@@ -3,13 +3,15 @@
 A model with a KV cache (`new_cache`, the gpt architecture) runs the prompt once and then one token per
 step; any other model runs again on its whole context at every step. Both follow one rule for text
 longer than the context window (`context_start`). All samples of one call run as one batch; they share
-the prompt, so no padding is needed.
+the prompt, so no padding is needed. `prepare` turns options into a `lingmao.decoding.Generation` (which a
+server decodes beside others), `generate` decodes one alone.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import math
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +19,17 @@ import torch
 
 from lingmao.data import make_converter
 from lingmao.data.tokenizer import special_ids
+from lingmao.decoding import AllowedTokens, Banned, Generation, RepetitionPenalty, StepMask, decode
 from lingmao.errors import LingmaoError
 from lingmao.verse.forms import FormConstraint, normalize_form, normalize_pattern, normalize_rhyme, normalize_tones
 from lingmao.verse.vocab import vocab_tables
 
 log = logging.getLogger(__name__)
 
-StepMask = Callable[[int, torch.Tensor], torch.Tensor]
+# The meaningful ranges of the sampling options (beyond them the arithmetic stops meaning anything: a
+# temperature of 1e-40 or a penalty of 1e40 only overflows float32).
+TEMPERATURE = (0.01, 100.0)  # or 0 = greedy
+REPETITION_PENALTY = (0.1, 10.0)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -48,65 +54,79 @@ def check_options(
     temperature: float, top_k: int | None, top_p: float, repetition_penalty: float, max_new_tokens: int,
     num_samples: int,
 ) -> None:
-    """Bad sampling options are user errors (one line), not tracebacks from inside torch."""
-    if temperature is None or temperature < 0:
-        raise LingmaoError(f"temperature: {temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 0:
-        raise LingmaoError(f"top_k: {top_k} must be >= 0 (0 = off)")
-    if top_p is None or not 0 < top_p <= 1:
+    """Bad sampling options are user errors (one line naming the range), not tracebacks from inside torch."""
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    low, high = TEMPERATURE
+    if not finite(temperature) or not (temperature == 0 or low <= temperature <= high):
+        raise LingmaoError(f"temperature: {temperature} must be 0 (greedy) or in [{low:g}, {high:g}]")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise LingmaoError(f"top_k: {top_k} must be an integer >= 0 (0 = off)")
+    if not finite(top_p) or not 0 < top_p <= 1:
         raise LingmaoError(f"top_p: {top_p} must be in (0, 1] (1 = off)")
-    if repetition_penalty is None or repetition_penalty <= 0:
-        raise LingmaoError(f"repetition_penalty: {repetition_penalty} must be > 0 (1 = off)")
-    if max_new_tokens is None or max_new_tokens < 0:
-        raise LingmaoError(f"max_new_tokens: {max_new_tokens} must be >= 0")
-    if num_samples is None or num_samples < 1:
-        raise LingmaoError(f"num_samples: {num_samples} must be >= 1")
+    low, high = REPETITION_PENALTY
+    if not finite(repetition_penalty) or not low <= repetition_penalty <= high:
+        raise LingmaoError(f"repetition_penalty: {repetition_penalty} must be in [{low:g}, {high:g}] (1 = off)")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise LingmaoError(f"max_new_tokens: {max_new_tokens} must be an integer >= 0")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise LingmaoError(f"num_samples: {num_samples} must be an integer >= 1")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
-    """Keep the `top_k` best tokens and the smallest set whose probability reaches `top_p` (-inf elsewhere)."""
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked before it already reach top_p (the best one always stays).
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+def text_problem(text: str, newlines: bool = False) -> str | None:
+    """Why `text` cannot be a prompt, title or other text option, or None: a lone UTF-16 surrogate (not a
+    character: nothing can encode it) or a control character (line breaks only where `newlines`)."""
+    for i, ch in enumerate(text, start=1):
+        kind = unicodedata.category(ch)
+        if kind == "Cs":
+            return f"a lone surrogate U+{ord(ch):04X} at character {i} (not valid Unicode text)"
+        if kind == "Cc" and not (newlines and ch == "\n"):
+            allowed = "only line breaks are allowed" if newlines else "no control characters are allowed"
+            return f"control character U+{ord(ch):04X} at character {i} ({allowed})"
+    return None
 
 
-def penalize_repetition(
-    logits: torch.Tensor, seq: torch.Tensor, penalty: float, eligible: torch.Tensor | None = None
-) -> torch.Tensor:
-    """CTRL-style penalty on tokens already in `seq`: positive logits divided, negative multiplied.
-
-    `eligible` (bool [V]) limits it to some tokens: poems repeat punctuation and newlines by design.
-    """
-    if penalty == 1.0:
-        return logits
-    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seq, True)
-    if eligible is not None:
-        seen &= eligible
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+def check_text(name: str, text: str | None, newlines: bool = False) -> None:
+    problem = text_problem(text, newlines) if text else None
+    if problem:
+        raise LingmaoError(f"{name}: {problem}")
 
 
-def context_start(length: int, start: int, window: int) -> int:
-    """Where the context begins for predicting token number `length`, when it began at `start` before.
-
-    The context grows until it holds `window` tokens; when one more arrives, it restarts from the last
-    `window // 2` tokens (at least one) and grows again. With a KV cache that restart is one prefill of
-    half a window every half window of new tokens, instead of a full recomputation at every step; the
-    uncached path follows the same rule, so both see the same context and sample the same text.
-    """
-    if length - start <= window:
-        return start
-    return length - max(1, window // 2)
+_PIECES: dict[int, tuple[Any, list[str]]] = {}
 
 
-@torch.inference_mode()
+def token_pieces(tok: Any) -> list[str]:
+    """The text of every token id (\"\" for none), remembered per tokenizer object and vocabulary size (reading a
+    vocabulary of 6,000 tokens takes milliseconds, which every request would pay otherwise)."""
+    size = tok.get_vocab_size()
+    known = _PIECES.get(id(tok))
+    if known is None or known[0] is not tok or len(known[1]) != size:
+        pieces = [""] * size
+        for piece, i in tok.get_vocab().items():
+            pieces[i] = piece
+        if len(_PIECES) >= 8:
+            _PIECES.pop(next(iter(_PIECES)))
+        known = _PIECES[id(tok)] = (tok, pieces)
+    return known[1]
+
+
+def sampling_rules(
+    vocab_size: int, repetition_penalty: float = 1.0, penalty_tokens: torch.Tensor | None = None,
+    banned: list[int] | None = None, step_mask: StepMask | None = None,
+) -> list[Any]:
+    """The rules of one generation, in the order they apply: repetition penalty, banned tokens, allowed tokens."""
+    rules: list[Any] = []
+    if repetition_penalty != 1.0:
+        rules.append(RepetitionPenalty(repetition_penalty, penalty_tokens))
+    if banned:
+        rules.append(Banned(banned, vocab_size))
+    if step_mask is not None:
+        rules.append(AllowedTokens(step_mask))
+    return rules
+
+
 def sample_ids(
     model: torch.nn.Module,
     prompt_ids: list[int],
@@ -134,57 +154,24 @@ def sample_ids(
     `context_start`); `use_cache=False` recomputes the context at every step even when the model has a
     KV cache. Returns the new token ids of each sample, without `<eos>`.
     """
-    if not prompt_ids:
-        raise ValueError("prompt_ids must hold at least <bos>")
-    device = next(model.parameters()).device
-    window = min(context_length or model.max_len, model.max_len)
-    seq = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
-    start = seq.size(1)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
-    active = torch.ones(num_samples, dtype=torch.bool, device=device)
-    ban = None
-    if banned:
-        ban = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)
-        ban[torch.tensor(banned, device=device)] = True
-    eligible = penalty_tokens.to(device) if penalty_tokens is not None else None
-    cache = model.new_cache(num_samples, window) if use_cache and hasattr(model, "new_cache") else None
-    context = 0  # where the model's context begins in seq
-    for step in range(max_new_tokens):
-        moved = context_start(seq.size(1), context, window)
-        if cache is None:
-            logits = model(seq[:, moved:])
-        elif step == 0 or moved != context:  # (re)fill the cache with the whole context
-            cache.clear()
-            logits = model(seq[:, moved:], cache=cache)
-        else:
-            logits = model(seq[:, -1:], cache=cache)
-        context = moved
-        logits = logits[:, -1, :].float()
-        logits = penalize_repetition(logits, seq, repetition_penalty, eligible)
-        if ban is not None:
-            logits = logits.masked_fill(ban, float("-inf"))
-        if step_mask is not None:
-            logits = logits.masked_fill(~step_mask(step, seq[:, start:]), float("-inf"))
-        if temperature == 0:
-            next_ids = torch.argmax(logits, dim=-1)
-        else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        next_ids = torch.where(active, next_ids, torch.full_like(next_ids, eos_id))
-        seq = torch.cat([seq, next_ids.unsqueeze(1)], dim=1)
-        if on_step is not None:
-            on_step(next_ids, active)
-        active &= next_ids != eos_id
-        if not bool(active.any()):
-            break
-    out = []
-    for row in seq[:, start:].tolist():
-        out.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return out
+    generation = Generation(
+        prompt_ids, eos_id=eos_id, max_new_tokens=max_new_tokens, num_samples=num_samples,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context_length=context_length,
+        rules=sampling_rules(model.vocab_size, repetition_penalty, penalty_tokens, banned, step_mask),
+        on_step=on_step,
+    )
+    return decode(model, generation, use_cache=use_cache)
 
 
-def generate(
+def generate(lm: Any, prompt: str = "", **options: Any) -> list[str]:
+    """Generate text with a loaded model (`lingmao.load_model(dir)`); see `LingmaoModel.generate` and, for the
+    options, `prepare`. Each result is the prompt followed by what was generated (for a form: the whole poem)."""
+    generation = prepare(lm, prompt, **options)
+    decode(lm.model, generation)
+    return generation.texts()
+
+
+def prepare(
     lm: Any,
     prompt: str = "",
     *,
@@ -207,17 +194,20 @@ def generate(
     context_length: int | None = None,
     stream: Callable[[str], None] | None = None,
     on_token: Callable[[int, str], None] | None = None,
-) -> list[str]:
-    """Generate text with a loaded model (`lingmao.load_model(dir)`); see `LingmaoModel.generate`.
+) -> Generation:
+    """The options of a generation checked (a bad one is a one-line `LingmaoError`) and turned into a
+    `lingmao.decoding.Generation`, not yet decoded; its `texts()` are the results of `generate`.
 
-    Each result is the prompt followed by what was generated (for a form: the whole poem). The title
-    is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1);
+    The title is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1);
     `on_token(sample, piece)` receives each sample's, and may raise to stop the generation.
     Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
     rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
     lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either).
     """
     check_options(temperature, top_k, top_p, repetition_penalty, max_new_tokens, num_samples)
+    check_text("prompt", prompt, newlines=True)
+    check_text("title", title)
+    check_text("acrostic", acrostic)
     tok, model, config = lm.tokenizer, lm.model, lm.config or {}
     data_cfg = config.get("data") or {}
     convert = convert if convert is not None else (data_cfg.get("convert") or "none")
@@ -250,7 +240,7 @@ def generate(
         )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
     eligible = vocab_tables(tok).han
-    pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
+    pieces = token_pieces(tok)
 
     on_step = None
     if on_token is not None or (stream is not None and num_samples == 1):
@@ -262,14 +252,15 @@ def generate(
                     if stream is not None and num_samples == 1:
                         stream(pieces[t])
 
-    rows = sample_ids(
-        model, prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        penalty_tokens=eligible, banned=[ids["pad"], ids["unk"], ids["bos"]],
-        step_mask=constraint.mask if constraint is not None else None,
-        context_length=context_length or data_cfg.get("context_length"), seed=seed, on_step=on_step,
+    generation = Generation(
+        prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        rules=sampling_rules(model.vocab_size, repetition_penalty, eligible, [ids["pad"], ids["unk"], ids["bos"]],
+                             constraint.mask if constraint is not None else None),
+        context_length=context_length or data_cfg.get("context_length"), on_step=on_step,
     )
-    return [prompt + "".join(pieces[i] for i in row) for row in rows]
+    generation.text = lambda rows: [prompt + "".join(pieces[i] for i in row) for row in rows]
+    return generation
 
 
 def _title_prefix(tok: Any, title: str | None, template: str | None, converter: Callable[[str], str]) -> list[int]:

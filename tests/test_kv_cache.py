@@ -1,11 +1,14 @@
 """Sampling with the KV cache gives the same text as sampling without it."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
+from lingmao.decoding import context_start
 from lingmao.model import GPT, ModelConfig, SimpleTransformer
-from lingmao.sampling import context_start, sample_ids
+from lingmao.sampling import sample_ids
 
 VOCAB, EOS = 60, 3
 PROMPT = [2, 10, 11, 12, 13]
@@ -78,19 +81,42 @@ def test_same_text_with_a_step_mask_and_the_same_stream(model):
     assert all((t - 4) % 5 == step % 5 for row in cached for step, t in enumerate(row[:180]))
 
 
-def test_the_cache_is_used_and_refilled_by_the_shared_rule(model):
-    lengths: list[int] = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].size(1)),
-                                           with_kwargs=True)
+def test_the_cache_is_used_and_refilled_by_the_shared_rule(model, monkeypatch):
+    prefills: list[tuple[int, int]] = []  # (step, tokens) of each run of the whole context through the model
+    steps: list[tuple[int, list[int]]] = []  # (step, positions) of each one-token decoding step
+    calls = 0
+
+    def count_prefill(module, args, kwargs):
+        nonlocal calls
+        prefills.append((calls, args[0].size(1)))
+        calls += 1
+
+    def counting_decode_step(original=model.decode_step):
+        step = original()
+
+        def counted(tokens, positions, cache):
+            nonlocal calls
+            steps.append((calls, positions.tolist()))
+            calls += 1
+            return step(tokens, positions, cache)
+
+        return counted
+
+    monkeypatch.setattr(model, "decode_step", counting_decode_step)
+    hook = model.register_forward_pre_hook(count_prefill, with_kwargs=True)
     try:
         sample_ids(model, PROMPT, eos_id=EOS, banned=[EOS], max_new_tokens=200, seed=1, context_length=128)
     finally:
         hook.remove()
     # The prompt at once, then one token per step; at 129 tokens the last 64 again, which grow to 128 ...
-    refills = [i for i, n in enumerate(lengths) if n > 1]
-    assert lengths[0] == len(PROMPT) and refills == [0, 129 - len(PROMPT), 129 - len(PROMPT) + 65]
-    assert all(lengths[i] == 64 for i in refills[1:])
-    assert len(lengths) == 200
+    refills = [step for step, _ in prefills]
+    assert prefills[0] == (0, len(PROMPT)) and refills == [0, 129 - len(PROMPT), 129 - len(PROMPT) + 65]
+    assert all(n == 64 for _, n in prefills[1:])
+    assert calls == 200 and len(steps) == 200 - len(prefills)
+    # Between refills each step writes the next position of the cache.
+    for call, [position] in steps:
+        fill, length = max((i, n) for i, n in prefills if i < call)
+        assert position == length + (call - fill - 1), (call, position)
 
 
 def test_the_context_matters(model):
@@ -108,7 +134,7 @@ def test_a_model_without_cache_samples_past_its_window():
     assert [len(r) for r in rows] == [80, 80]
 
 
-def test_bench_generate_prints_both_paths(capsys):
+def test_bench_generate_prints_every_path(capsys):
     import importlib.util
     from pathlib import Path
 
@@ -118,5 +144,6 @@ def test_bench_generate_prints_both_paths(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--size", "tiny", "--window", "16", "--new-tokens", "30", "--repeat", "2"]) == 0
     out = capsys.readouterr().out
-    assert "no cache" in out and "KV cache" in out and "speed-up" in out
-    assert "same tokens with and without the cache: yes" in out
+    for path in ("no cache", "KV cache, module forward", "decode step, q k v apart", "decode step"):
+        assert re.search(rf"^{path} +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x +yes$", out, re.M), out
+    assert "same tokens on every path: yes" in out

@@ -52,7 +52,8 @@ def server(served_model, tmp_path_factory):
             if "serving on" in line:
                 found.set()
 
-    threading.Thread(target=read_log, daemon=True).start()
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
         if not found.wait(60):
             pytest.fail("the server did not start:\n" + "".join(log))
@@ -65,6 +66,10 @@ def server(served_model, tmp_path_factory):
             process.wait(timeout=30)
         finally:
             kill_session(process)
+    reader.join(10)
+    # SIGTERM (as a service manager stops it): one line, exit code 0, no traceback.
+    assert process.returncode == 0 and "Traceback" not in "".join(log), "".join(log)
+    assert log[-1].strip() == "INFO SIGTERM: stopped", log[-3:]
 
 
 @pytest.fixture(scope="module")

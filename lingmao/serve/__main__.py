@@ -2,15 +2,20 @@
 
 The model is loaded once; the server listens on `host:port` (127.0.0.1:8000: this machine only, unless host=
 says otherwise). Needs the `serve` extra (FastAPI, uvicorn); without it the app says what to install, in one
-line, and exits 2.
+line, and exits 2. Ctrl-C or SIGTERM stops it: the generations in flight are cancelled (each request gets what
+was sampled, marked as stopped), one line says so, and the exit code is 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import signal
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -73,30 +78,82 @@ def warm_verse_tables(tokenizer: Any) -> None:
     log.info("tone and rhyme tables of the vocabulary ready (%.1f s)", time.perf_counter() - started)
 
 
-def run(cfg: DictConfig) -> None:
-    require_serve_extra()
+def make_server(app: Any, on_signal: Callable[[int], None]) -> Any:
+    """A uvicorn server for `app` whose Ctrl-C / SIGTERM calls `on_signal(signal)` and then shuts down gracefully,
+    without re-raising the signal afterwards as uvicorn does (the process would die by it, with a traceback)."""
     import uvicorn
 
-    from lingmao.generate import load_for_inference
-    from lingmao.serve.app import create_app
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                on_signal(sig)
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    # log_config=None: the app's logging (one format, stderr); uvicorn's own lines only from warnings up.
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    return Server(config)
+
+
+def run(cfg: DictConfig) -> None:
+    require_serve_extra()
+    limits, site = limits_and_site(cfg)  # bad keys are reported before anything is loaded
+    host = str(cfg.get("host") or "127.0.0.1")
+    sock = bind(host, cfg.get("port", 8000))
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM while loading: as Ctrl-C
+    try:
+        serve(cfg, host, sock, limits, site)
+    except KeyboardInterrupt:
+        log.info("stopped before serving")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+
+
+def limits_and_site(cfg: DictConfig) -> tuple[Any, Any]:
+    from lingmao.serve.guards import Site
     from lingmao.serve.limits import Limits
 
     limits = Limits.from_mapping(OmegaConf.to_container(cfg.limits) if cfg.get("limits") else None)
-    host = str(cfg.get("host") or "127.0.0.1")
-    sock = bind(host, cfg.get("port", 8000))
-    try:
-        lm = load_for_inference(cfg)
-        app = create_app(lm, limits, name=str(cfg.get("model_dir") or cfg.get("ckpt")))
-        log.info("model on %s, %d parameters", lm.device, sum(p.numel() for p in lm.model.parameters()))
-        warm_verse_tables(lm.tokenizer)
-        if is_loopback(host):
-            log.info("serving on %s (this machine only; host=0.0.0.0 serves the network)", url_of(sock))
-        else:
-            log.warning("serving on %s: other machines can reach it, and it has no authentication", url_of(sock))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    site = Site.from_config({key: OmegaConf.to_container(cfg[key]) if OmegaConf.is_config(cfg.get(key))
+                             else cfg.get(key) for key in Site.KEYS})
+    return limits, site
+
+
+def serve(cfg: DictConfig, host: str, sock: socket.socket, limits: Any, site: Any) -> None:
+    from lingmao.generate import load_for_inference
+    from lingmao.serve.app import create_app
+
+    lm = load_for_inference(cfg)
+    app = create_app(lm, limits, name=str(cfg.get("model_dir") or cfg.get("ckpt")), site=site, host=host)
+    log.info("model on %s, %d parameters", lm.device, sum(p.numel() for p in lm.model.parameters()))
+    warm_verse_tables(lm.tokenizer)
+    stopped: list[str] = []
+
+    def on_signal(sig: int) -> None:
+        name = signal.Signals(sig).name
+        count = app.state.batcher.stop("the server is shutting down")
+        stopped.append(f"{name}: stopped" + (f", {count} generation{'s' if count != 1 else ''} in flight "
+                                             "cancelled" if count else ""))
+
+    if is_loopback(host):
+        log.info("serving on %s (this machine only; host=0.0.0.0 serves the network)", url_of(sock))
+    else:
+        log.warning("serving on %s: other machines can reach it, and it has no authentication", url_of(sock))
+    make_server(app, on_signal).run(sockets=[sock])
+    log.info(stopped[0] if stopped else "stopped")
 
 
 if __name__ == "__main__":

@@ -1,83 +1,57 @@
-"""One generation on a worker thread: its characters as events while they are sampled, a time limit, and a way
-to stop it (the client went away, the server shuts down).
+"""One request's generation: its options checked and turned into a `lingmao.decoding.Generation` (which the
+`Batcher` decodes beside the others), its characters as events while they are sampled, and its result with marks.
 
-Concurrent jobs share the model but not their random state: `lingmao.sampling.sample_ids` draws from a
-`torch.Generator` of its own, seeded per call, and uses no global random state; the form constraint's decoding
-state belongs to the call too. So two requests with seeds get the same text whether they run together or one
-after the other, and no lock is needed around generation. A job is stopped from inside the sampling loop: the
-`on_token` hook raises, which ends the generation at that step.
+Each generation has its own random generator, seeded per request, and its own rules (the verse form's decoding
+state among them); the decoding step is row-wise, so a request with a seed gets the same text alone or beside
+others (`lingmao.decoding`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from lingmao.data import make_converter
+from lingmao.sampling import prepare
 from lingmao.serve.marks import poem_marks
 from lingmao.verse.forms import normalize_form, normalize_rhyme
 
 Event = dict[str, Any]
 
-
-class Stopped(Exception):
-    """Raised by the token hook to end a generation early (time limit, cancelled)."""
+TIME_LIMIT = "time limit"  # the decoder's stop reason for a deadline
 
 
 class Job:
-    """`run()` (on a worker thread) generates with `options` and returns the result; `on_event` gets each
-    `{"event": "token", "sample": i, "text": piece}` as it is sampled (from the worker thread)."""
+    """A request's generation. `on_event` gets each `{"event": "token", "sample": i, "text": piece}` as it is
+    sampled (from the decoding thread). The time limit counts from `arrival` (a `time.monotonic()` time)."""
 
-    def __init__(
-        self, lm: Any, options: dict[str, Any], time_s: float, on_event: Callable[[Event], None] | None = None
-    ) -> None:
-        self.lm, self.options, self.time_s, self.on_event = lm, options, time_s, on_event
-        self.pieces: list[list[str]] = [[] for _ in range(options.get("num_samples", 1))]
-        self.deadline = float("inf")
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
+    def __init__(self, lm: Any, options: dict[str, Any], time_s: float, arrival: float,
+                 on_event: Callable[[Event], None] | None = None) -> None:
+        self.options, self.time_s, self.arrival, self.on_event = options, time_s, arrival, on_event
+        self.generation = prepare(lm, **options, on_token=self._on_token if on_event is not None else None)
+        self.generation.deadline = arrival + time_s
 
     def _on_token(self, sample: int, piece: str) -> None:
-        if self._cancelled.is_set():
-            raise Stopped("cancelled")
-        self.pieces[sample].append(piece)
-        if self.on_event is not None:
-            self.on_event({"event": "token", "sample": sample, "text": piece})
-        if time.monotonic() > self.deadline:
-            raise Stopped(f"time limit: stopped after {self.time_s:g} s (limits.time_s)")
+        self.on_event({"event": "token", "sample": sample, "text": piece})
 
-    def run(self) -> dict[str, Any]:
-        """Generate; a user error in the options raises `LingmaoError` before any token is sampled."""
-        started = time.monotonic()
-        self.deadline = started + self.time_s
+    def stopped(self) -> str | None:
+        reason = self.generation.stop_reason
+        if reason == TIME_LIMIT:
+            return f"time limit: stopped after {self.time_s:g} s (limits.time_s)"
+        return reason
+
+    def result(self) -> dict[str, Any]:
+        """The texts so far (all of them, for a generation that ran to its end) with their marks."""
         opts = self.options
-        stopped = None
-        if self._cancelled.is_set():
-            texts, stopped = ["" for _ in self.pieces], "cancelled"
-        else:
-            try:
-                texts = self.lm.generate(**opts, on_token=self._on_token)
-            except Stopped as exc:
-                stopped = str(exc)
-                texts = [self._prompt_seen() + "".join(p) for p in self.pieces]
         form = normalize_form(opts.get("form") or ("ci" if opts.get("tune") else None))
         rhyme_mode = normalize_rhyme(opts.get("rhyme"), form) if form else "pingshui"
         return {
             "seed": opts.get("seed"),
             "form": form,
             "tune": opts.get("tune"),
-            "poems": [poem_marks(t, form, opts.get("tune"), rhyme_mode, opts.get("title")) for t in texts],
-            "new_tokens": sum(len(p) for p in self.pieces),
-            "seconds": round(time.monotonic() - started, 3),
-            "stopped": stopped,
+            "poems": [poem_marks(t, form, opts.get("tune"), rhyme_mode, opts.get("title"))
+                      for t in self.generation.texts()],
+            "new_tokens": sum(len(row) for row in self.generation.rows()),
+            "seconds": round(time.monotonic() - self.arrival, 3),
+            "stopped": self.stopped(),
         }
-
-    def _prompt_seen(self) -> str:
-        """The prompt as the model continued it (after the model's data.convert), for a result cut short."""
-        convert = ((self.lm.config or {}).get("data") or {}).get("convert") or "none"
-        converter = make_converter(convert) or (lambda s: s)
-        return converter(self.options.get("prompt") or "")

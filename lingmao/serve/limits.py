@@ -1,4 +1,5 @@
-"""What one request may ask of the server: new tokens, wall time, prompt length, samples, and how many run at once."""
+"""What one request may ask of the server (new tokens, wall time, prompt length, samples) and how much work it takes
+on at once (generations decoded together, requests waiting for a place)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from lingmao.errors import LingmaoError
 class Limits:
     KEY: ClassVar[str] = "limits"
     max_new_tokens: int = number(500, ge=1)  # free text; a form fixes its own length
-    time_s: float = number(60.0, gt=0)  # wall time of one generation, from when it starts running
+    time_s: float = number(60.0, gt=0)  # wall time of one request, from its arrival (waiting included)
     max_prompt_chars: int = number(2000, ge=1)  # prompt and title, each
     max_samples: int = number(8, ge=1)
-    max_concurrent: int = number(2, ge=1)  # generations at once; the others wait
+    max_concurrent: int = number(16, ge=1)  # generations decoded together, one model step for all
+    max_queued: int = number(64, ge=0)  # requests waiting for a place beyond those; past it: 503
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,16 +1,22 @@
 """A generation request: its JSON schema (pydantic), the server's limits applied, and the options it gives
-`LingmaoModel.generate`. Ranges the sampling code checks itself (temperature >= 0, top_p in (0, 1], ...) are left
-to it, so the one-line reasons are the same as on the command line."""
+`lingmao.sampling.prepare`. Ranges the sampling code checks itself (temperature 0 or in [0.01, 100], top_p in
+(0, 1], ...) are left to it, so the one-line reasons are the same as on the command line.
+
+A new option is one more field here and the keyword of the same name in `lingmao.sampling.prepare`; every text
+field (and list of texts) is refused if it holds a lone surrogate or a control character."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from lingmao.errors import LingmaoError
+from lingmao.sampling import text_problem
 from lingmao.serve.limits import Limits
+
+MULTILINE = {"prompt"}  # text fields that may hold line breaks
 
 DEFAULT_NEW_TOKENS = 200
 
@@ -36,6 +42,15 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int | None = Field(None, description="free text only (null = 200 or the server's limit)")
     num_samples: int = 1
     seed: int | None = Field(None, ge=0, lt=2**63, description="null = a new one, returned with the result")
+
+    @field_validator("*")
+    @classmethod
+    def valid_text(cls, value: Any, info: ValidationInfo) -> Any:
+        for text in value if isinstance(value, list | tuple) else [value]:
+            problem = text_problem(text, newlines=info.field_name in MULTILINE) if isinstance(text, str) else None
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 LISTED_BY = "GET /api/info lists them"
