@@ -195,6 +195,7 @@ def generate(
     tones: str | None = None,
     pattern: str | None = "auto",
     first_line_rhymes: bool | None = None,
+    distinct_rhymes: bool = True,
     title: str | None = None,
     temperature: float = 0.8,
     top_k: int | None = 0,
@@ -215,7 +216,8 @@ def generate(
     `on_token(sample, piece)` receives each sample's, and may raise to stop the generation.
     Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
     rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
-    lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either).
+    lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either), distinct_rhymes
+    (no character ends two lines that rhyme, 重韵, in a shi form).
     """
     check_options(temperature, top_k, top_p, repetition_penalty, max_new_tokens, num_samples)
     tok, model, config = lm.tokenizer, lm.model, lm.config or {}
@@ -246,7 +248,7 @@ def generate(
     if form is not None:
         constraint = FormConstraint(
             tok, form, prompt, acrostic, rhyme=rhyme, tones=tones, pattern=pattern,
-            first_line_rhymes=first_line_rhymes, tune=tune,
+            first_line_rhymes=first_line_rhymes, tune=tune, distinct_rhymes=distinct_rhymes,
         )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
     eligible = vocab_tables(tok).han
