@@ -19,6 +19,7 @@ from lingmao.data import make_converter
 from lingmao.data.tokenizer import special_ids
 from lingmao.errors import LingmaoError
 from lingmao.verse.forms import FormConstraint, normalize_form, normalize_pattern, normalize_rhyme, normalize_tones
+from lingmao.verse.lines import copy_filter
 from lingmao.verse.vocab import vocab_tables
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ def generate(
     pattern: str | None = "auto",
     first_line_rhymes: bool | None = None,
     distinct_rhymes: bool = True,
+    refuse_copies: bool | None = None,
     title: str | None = None,
     temperature: float = 0.8,
     top_k: int | None = 0,
@@ -217,7 +219,8 @@ def generate(
     Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
     rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
     lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either), distinct_rhymes
-    (no character ends two lines that rhyme, 重韵, in a shi form).
+    (no character ends two lines that rhyme, 重韵, in a shi form). refuse_copies (`lingmao.verse.lines`): never
+    complete a line of a form into a line of the training data; None = on with a form when `lm.lines` is set.
     """
     check_options(temperature, top_k, top_p, repetition_penalty, max_new_tokens, num_samples)
     tok, model, config = lm.tokenizer, lm.model, lm.config or {}
@@ -251,6 +254,10 @@ def generate(
             first_line_rhymes=first_line_rhymes, tune=tune, distinct_rhymes=distinct_rhymes,
         )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
+    step_mask = constraint.mask if constraint is not None else None
+    copies = copy_filter(getattr(lm, "lines", None), constraint, tok, prompt, refuse_copies)
+    if copies is not None:
+        step_mask = copies.restrict(step_mask)
     eligible = vocab_tables(tok).han
     pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
 
@@ -268,7 +275,7 @@ def generate(
         model, prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         penalty_tokens=eligible, banned=[ids["pad"], ids["unk"], ids["bos"]],
-        step_mask=constraint.mask if constraint is not None else None,
+        step_mask=step_mask,
         context_length=context_length or data_cfg.get("context_length"), seed=seed, on_step=on_step,
     )
     return [prompt + "".join(pieces[i] for i in row) for row in rows]

@@ -325,6 +325,7 @@ def test_evaluate_verse(lm):
     forced = evaluate_verse(lm, ["qilv"], 5, rhyme="pingshui", tones="strict", seed=0)["qilv"]
     assert forced["rhyme"] == forced["tones strict"] == forced["tones lenient"] == 1.0
     assert 0 < forced["distinct-2"] <= 1
+    assert forced["no 重韵"] == 1.0 and forced["repeated chars per poem"] >= 0 and "copied lines" not in forced
     assert distinct_n(["春風春風，春風。"], 2) == pytest.approx(2 / 4)  # 春風 風春 春風 | 春風: 2 distinct of 4
     with pytest.raises(LingmaoError, match="verse.forms: 'sonnet'"):
         evaluate_verse(lm, ["sonnet"], 2)
