@@ -142,7 +142,8 @@ def test_check_cli(tmp_path):
 
 
 def test_the_verse_package_needs_neither_lightning_nor_hydra():
-    modules = ", ".join(f"lingmao.verse.{m}" for m in ("checker", "forms", "notation", "tunes", "vocab", "meter"))
+    modules = ", ".join(f"lingmao.verse.{m}" for m in ("checker", "forms", "notation", "tunes", "vocab", "meter",
+                                                         "lines", "originality"))
     code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'hydra'}}))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -21,8 +21,10 @@ from lingmao.evaluate import evaluate_verse, training_reference
 from lingmao.export import LINES, LingmaoModel
 from lingmao.model import ModelConfig, build_model
 from lingmao.verse.forms import FormConstraint
+from lingmao.verse.han import is_han
 from lingmao.verse.lines import CopyFilter, LineSet, text_lines
 from lingmao.verse.originality import TrainingText, copied_lines
+from lingmao.verse.shape import clauses
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,8 +37,10 @@ TRAIN_LINES = {line for poem in POEMS for line in text_lines(poem)}
 
 
 def test_lines_and_their_set(tmp_path):
-    # Short clauses and damaged ones are not lines.
-    assert text_lines("知否？知否？應是綠肥紅瘦。\n□□山下路，") == ["應是綠肥紅瘦"]
+    # Short clauses and damaged ones are not lines; lines are the checker's clauses (shape.clauses).
+    assert text_lines("知否？知否？應是綠肥紅瘦。\n□□山下路，「白雲千載空悠悠」") == ["應是綠肥紅瘦", "白雲千載空悠悠"]
+    for doc in DOCS:
+        assert text_lines(doc) == [c.text for c in clauses(doc) if len(c) >= 4 and all(is_han(ch) for ch in c.text)]
     lines = LineSet.from_texts(POEMS, files=["a.jsonl"])
     assert len(lines) == len(TRAIN_LINES) == 24
     assert all(line in lines for line in TRAIN_LINES)
