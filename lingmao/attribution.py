@@ -4,7 +4,10 @@ Features: the Han characters of a poem and the pairs of adjacent ones within a c
 counted, as log(1 + count), each poem's vector scaled to length 1; pairs found in fewer than `min_poems` training
 poems are dropped. Model: multinomial logistic regression, one weight per (feature, poet) and a bias per poet,
 fitted by L-BFGS on all training poems at once (a torch sparse matrix), with an L2 penalty and every poet's poems
-weighted alike in total, so that the prior over the poets is uniform and chance is 1 / poets.
+weighted alike in total, so that the prior over the poets is uniform and chance is 1 / poets. The penalty (1e-5)
+was chosen on the 20 poets of the full corpus by holding out a tenth of the training split (by a hash of the
+text): accuracy 54.8% / 65.6% / 68.2% and balanced accuracy 57.0% / 65.0% / 65.7% with 1e-4 / 1e-5 / 1e-6, the
+last fitting 2.5 times as long.
 
 `top_authors` picks the most prolific poets of a corpus, leaving out the names that stand for no one (无名氏,
 不詳, ...).
@@ -52,7 +55,7 @@ class AuthorClassifier:
 
     @classmethod
     def fit(
-        cls, texts: Sequence[str], authors: Sequence[str], *, min_poems: int = 2, l2: float = 1e-4,
+        cls, texts: Sequence[str], authors: Sequence[str], *, min_poems: int = 2, l2: float = 1e-5,
         max_iter: int = 200,
     ) -> AuthorClassifier:
         """Fit on `texts` written by `authors` (one name per text); every name becomes a class."""
