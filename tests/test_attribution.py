@@ -9,7 +9,15 @@ from collections import Counter
 
 import pytest
 
-from lingmao.attribution import AuthorClassifier, accuracy, features, top_authors
+from lingmao.attribution import (
+    AuthorClassifier,
+    _matrix,
+    accuracy,
+    balanced_weights,
+    features,
+    objective,
+    top_authors,
+)
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,6 +36,27 @@ def test_features_and_top_authors():
     assert top_authors([r.get("author") for r in records("train")], 4) == ["白居易", "杜甫", "李白", "元稹"]
     assert "无名氏" not in names and "不詳" not in names  # 158 and 88 poems, but nobody's
     assert accuracy(["a", "a", "b"], ["a", "b", "b"]) == (pytest.approx(2 / 3), pytest.approx(0.75))
+
+
+def test_the_written_out_gradient_is_autograds():
+    import torch
+
+    texts = [r["text"] for r in records("train")[:40]]
+    counted = [features(t) for t in texts]
+    columns = {f: i for i, f in enumerate(sorted({f for c in counted for f in c}))}
+    x = _matrix(counted, columns)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(len(columns), 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    y, sample_weight = torch.randint(0, 3, (40,)), torch.rand(40)
+    loss, grad_w, grad_b = objective(weight, bias, x, x.t().coalesce(), y, sample_weight, 0.1)
+    logits = torch.sparse.mm(x, weight) + bias
+    reference = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * sample_weight).sum()
+    (reference + 0.1 * weight.pow(2).sum()).backward()
+    assert float(loss) == pytest.approx(float((reference + 0.1 * weight.pow(2).sum()).detach()), rel=1e-5)
+    assert torch.allclose(grad_w, weight.grad, atol=1e-6) and torch.allclose(grad_b, bias.grad, atol=1e-6)
+    # Each poet weighs alike however many poems: 293 of 白居易 and 88 of 劉禹錫 alike.
+    y = torch.tensor([0] * 293 + [1] * 88 + [2])
+    assert torch.allclose(torch.zeros(3).index_add_(0, y, balanced_weights(y, 3)), torch.full((3,), 1 / 3))
 
 
 @pytest.mark.slow

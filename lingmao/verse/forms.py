@@ -261,7 +261,8 @@ def _tone_words(ch: str) -> str:
 
 
 class FormConstraint:
-    """Masks for constrained decoding of one form: layout, acrostic, tones and rhyme.
+    """Masks for constrained decoding of one form: layout, acrostic, tones, rhyme and, with `distinct_rhymes`, no
+    重韵 (see the module docstring).
 
     `start` is the number of slots the prompt already fills; `mask(step, generated)` returns the tokens
     allowed at slot `start + step` as a bool tensor [batch, V], given the tokens generated so far ([batch, step]).
