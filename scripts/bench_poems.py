@@ -110,7 +110,7 @@ def author_section(lm, clf: AuthorClassifier, names: list[str], recall: dict, pe
           f"{100 / len(names):.1f}% on average |")
 
 
-def copying_section(lm, samples: int, forms: list[str], train_file: str | None, seed: int) -> None:
+def copying_section(lm, samples: int, forms: list[str], train_file: str | None, seed: int, temperature: float) -> None:
     from lingmao.evaluate import evaluate_verse, training_reference
 
     lines, text = training_reference(lm, train_file)
@@ -124,9 +124,9 @@ def copying_section(lm, samples: int, forms: list[str], train_file: str | None, 
     for label, options in settings.items():
         start = time.perf_counter()
         results[label] = evaluate_verse(lm, forms, samples, rhyme="pingshui", tones="lenient", seed=seed,
-                                        train_lines=lines, train_text=text, **options)
+                                        train_lines=lines, train_text=text, temperature=temperature, **options)
         print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"\n## Copying: {samples} poems per form, rhyme=pingshui tones=lenient, "
+    print(f"\n## Copying: {samples} poems per form, rhyme=pingshui tones=lenient temperature={temperature}, "
           f"against {len(lines):,} training lines\n")
     print("| form | setting | copied lines | longest copied run: max (mean) | no 重韵 | 重字 per poem | distinct-2 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-poet", type=int, default=0, help="七绝 generated per poet (0: no author control)")
     parser.add_argument("--samples", type=int, default=0, help="poems per form for copying (0: no copying)")
     parser.add_argument("--forms", default="wujue,qijue,wulv,qilv")
+    parser.add_argument("--temperature", type=float, default=0.8, help="copying: sampling temperature (top_p 0.9)")
     parser.add_argument("--train-file", help="the training text for copying (default: the files the export names)")
     parser.add_argument("--convert", help="none | t2s | s2t (default: the model's data.convert, else t2s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if lm is not None and args.per_poet:
             author_section(lm, clf, names, recall, args.per_poet, args.seed)
     if lm is not None and args.samples:
-        copying_section(lm, args.samples, [f for f in args.forms.split(",") if f], args.train_file, args.seed)
+        copying_section(lm, args.samples, [f for f in args.forms.split(",") if f], args.train_file, args.seed,
+                        args.temperature)
     return 0
 
 
