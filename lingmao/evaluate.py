@@ -2,8 +2,10 @@
 
 `data.test_file` takes what training's inputs take: a path, a list, a directory or a glob. With
 `verse.samples=N` it also generates N poems per form (`verse.forms`: shi forms or ci tune names) and
-reports the checker's rates (`lingmao.verse.checker`: format, rhyme, 对粘, tones lenient and strict) and
-distinct-1 / distinct-2 (distinct character n-grams over all n-grams of the N poems, within clauses).
+reports the checker's rates (`lingmao.verse.checker`: format, rhyme, 对粘, tones lenient and strict, no 重韵,
+no 重字), distinct-1 / distinct-2 (distinct character n-grams over all n-grams of the N poems, within clauses),
+repeated characters (重字) per poem, and how much the poems copy the training data (`lingmao.verse.originality`:
+the share of their lines found in it verbatim, the longest run of characters they share with it).
 
 The text is tokenized as in training (`<bos> doc <eos>` packed into one stream) and cut into
 non-overlapping windows of the model's context length; the last, shorter window is scored too,
@@ -177,15 +179,22 @@ def evaluate_verse(
     tones: str | None = "off",
     batch_size: int = 100,
     seed: int = 0,
+    train_lines: Any = None,
+    train_text: Any = None,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Generate `samples` poems per form and score them; form -> {rates, distinct-1, distinct-2, example}.
+    """Generate `samples` poems per form and score them; form -> {rates, distinct-1, distinct-2, repeated
+    chars per poem, copied lines, longest copied run, example}.
 
     A form is a shi form (wujue, qijue, wulv, qilv) or a ci tune name. `rhyme` and `tones` are the
     constraints used while generating (the defaults measure what the model writes by itself); the checking
-    is always by the Pingshui rules. `options` go to `LingmaoModel.generate` (temperature, top_p, ...).
+    is always by the Pingshui rules. `train_lines` (a `LineSet`) and `train_text` (a `TrainingText`) are the data
+    the copy figures are measured against (None: not measured). `options` go to `LingmaoModel.generate`
+    (temperature, top_p, refuse_copies, distinct_rhymes, ...).
     """
-    from lingmao.verse.checker import Summary, check
+    from lingmao.verse.checker import Summary, check, repeated_chars
+    from lingmao.verse.originality import copied_lines
+    from lingmao.verse.shape import clauses
 
     if samples < 1:
         raise LingmaoError(f"verse.samples: {samples} must be >= 1")
@@ -205,9 +214,46 @@ def evaluate_verse(
         group = next(iter(summary.forms))
         results[name] = {
             "samples": len(texts), **summary.rates(group), "distinct-1": distinct_n(texts, 1),
-            "distinct-2": distinct_n(texts, 2), "example": texts[0],
+            "distinct-2": distinct_n(texts, 2),
+            "repeated chars per poem": sum(len(repeated_chars([c.text for c in clauses(t)])) for t in texts)
+            / len(texts),
         }
+        if train_lines is not None:
+            copied, total = copied_lines(texts, train_lines)
+            results[name]["copied lines"] = copied / total if total else 0.0
+        if train_text is not None:
+            runs = train_text.longest_runs(texts)
+            results[name].update({"longest copied run": max(runs), "mean longest copied run": sum(runs) / len(runs)})
+        results[name]["example"] = texts[0]
     return results
+
+
+def training_reference(lm: Any, train_file: Any = None) -> tuple[Any, Any]:
+    """(LineSet, TrainingText) of the training data that copying is measured against: the files of `train_file`,
+    else those the model's line set was built from (when they are all still there), read as the model was
+    trained (its data.template and data.convert); else the model's line set alone (no longest run); else nothing.
+    """
+    from lingmao.data import TextSource, input_files
+    from lingmao.verse.lines import LineSet
+    from lingmao.verse.originality import TrainingText
+
+    files = input_files(train_file, "verse.train_file") if train_file else []
+    model_lines = getattr(lm, "lines", None)
+    recorded = model_lines.files if model_lines is not None else []
+    if not files and recorded and all(Path(f).is_file() for f in recorded):
+        files = [Path(f) for f in recorded]
+    if files:
+        data = (lm.config or {}).get("data") or {}
+        source = TextSource(data.get("text_key") or "text", data.get("template"), data.get("convert") or "none",
+                            "error", data.get("txt_mode") or "block")
+        texts = [text for path in files for text in source.texts(Path(path))]
+        return LineSet.from_texts(texts, [str(f) for f in files]), TrainingText(texts)
+    if model_lines is not None:
+        log.warning("verse: the training files the model names are not here; copied lines are measured against "
+                    "the model's line set, the longest copied run not at all (verse.train_file=FILES)")
+        return model_lines, None
+    log.warning("verse: no training data to measure copying against (verse.train_file=FILES)")
+    return None, None
 
 
 def _form_or_tune(name: str) -> dict[str, str]:
@@ -255,10 +301,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         forms = verse.get("forms") or []
         if isinstance(forms, str):  # verse.forms=[qilv,浣溪沙] arrives quoted, as one string (Chinese in it)
             forms = [f.strip() for f in forms.strip("[]").split(",") if f.strip()]
+        lines, text = training_reference(lm, verse.get("train_file"))
         results["verse"] = evaluate_verse(
             lm, list(forms), samples, rhyme=verse.get("rhyme"), tones=verse.get("tones"),
-            batch_size=int(verse.get("batch_size") or 100), seed=int(verse.get("seed") or 0),
-            temperature=float(verse.get("temperature", 0.8)), top_p=float(verse.get("top_p", 0.9)),
+            batch_size=int(verse.get("batch_size") or 100), seed=int(verse.get("seed") or 0), train_lines=lines,
+            train_text=text, temperature=float(verse.get("temperature", 0.8)), top_p=float(verse.get("top_p", 0.9)),
+            refuse_copies=verse.get("refuse_copies"), distinct_rhymes=bool(verse.get("distinct_rhymes", True)),
         )
     results["model"] = str(cfg.model_dir or cfg.ckpt)
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg)
@@ -269,11 +317,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"{results['bits_per_character']:.4f} bits/character ({results['predicted_tokens']} tokens, "
             f"{results['characters']} characters, {results['windows']} windows) -> {output}"
         )
+    from lingmao.verse.checker import Summary
+
     for name, r in results.get("verse", {}).items():
-        rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if k not in ("samples", "example")
-                          and not k.startswith("distinct"))
+        rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if k in Summary.LABELS.values())
+        copies = ""
+        if "copied lines" in r:
+            copies += f"; copied lines {100 * r['copied lines']:.1f}%"
+        if "longest copied run" in r:
+            copies += f", longest copied run {r['longest copied run']} (mean {r['mean longest copied run']:.1f})"
         print(f"{name}: {r['samples']} poems: {rates}; distinct-1 {r['distinct-1']:.3f}, "
-              f"distinct-2 {r['distinct-2']:.3f}" + ("" if "loss" in results else f" -> {output}"))
+              f"distinct-2 {r['distinct-2']:.3f}; 重字 per poem {r['repeated chars per poem']:.2f}{copies}"
+              + ("" if "loss" in results else f" -> {output}"))
     return results
 
 

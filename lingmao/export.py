@@ -1,16 +1,17 @@
 """Final weights + model config + tokenizer in one folder, and loading them back (no Lightning, no Hydra).
 
-An export folder holds `model.safetensors`, `tokenizer.json`, `config.json` and the marker
-`lingmao-export.json`; other files a user puts there are left alone. A folder is an export because lingmao's
-marker is there, not because of its file names: a folder with a config.json of the user's own, or a Hugging Face
-model folder, is refused rather than overwritten. Exports written before the marker existed are recognised by
-their `config.json`, whose `"format"` is `lingmao-1` or `lingmao-2`.
+An export folder holds `model.safetensors`, `tokenizer.json`, `config.json`, `lines.safetensors` (the training
+lines, `lingmao.verse.lines`) when the export was given them, and the marker `lingmao-export.json`; other files a
+user puts there are left alone. A folder is an export because lingmao's marker is there, not because of its file
+names: a folder with a config.json of the user's own, or a Hugging Face model folder, is refused rather than
+overwritten. Exports written before the marker existed are recognised by their `config.json`, whose `"format"`
+is `lingmao-1` or `lingmao-2`.
 
-Every file is checked when loaded: `config.json` records the SHA-256 of the weights and the tokenizer, the marker
-that of `config.json`; a file that differs (new weights beside an old config, a damaged copy) is refused in one
-line. (Exports from before checksums were recorded load without the check.)
+Every file is checked when loaded: `config.json` records the SHA-256 of the weights, the tokenizer and the
+training lines, the marker that of `config.json`; a file that differs (new weights beside an old config, a
+damaged copy) is refused in one line. (Exports from before checksums were recorded load without the check.)
 
-Exporting again replaces exactly those four files:
+Exporting again replaces exactly those files:
 
 1. they are written into a new folder `.export-<random>` inside the target and fsynced;
 2. that folder is renamed to `.export-ready` (the commit point: from here the new export is complete on disk);
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -42,8 +44,11 @@ from lingmao.errors import LingmaoError
 from lingmao.io import file_mode, file_sha256, fsync_dir, fsync_file, make_temp_dir, read_text_file
 from lingmao.model import ModelConfig, build_model
 
-WEIGHTS, CONFIG, TOKENIZER, MARKER = "model.safetensors", "config.json", "tokenizer.json", "lingmao-export.json"
-EXPORT_FILES = (WEIGHTS, TOKENIZER, CONFIG, MARKER)  # in the order they are moved into place: the marker last
+log = logging.getLogger(__name__)
+
+WEIGHTS, CONFIG, TOKENIZER, LINES = "model.safetensors", "config.json", "tokenizer.json", "lines.safetensors"
+MARKER = "lingmao-export.json"
+EXPORT_FILES = (WEIGHTS, TOKENIZER, LINES, CONFIG, MARKER)  # in the order they are moved into place: the marker last
 FORMAT = "lingmao-2"
 OLD_FORMATS = ("lingmao-1", "lingmao-2")  # the config.json "format" of exports written before the marker
 READY, STAGING_PREFIX = ".export-ready", ".export-"
@@ -92,9 +97,10 @@ def is_export(directory: Path) -> bool:
 
 def export_model(
     directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, model_cfg: ModelConfig | dict[str, Any],
-    data_cfg: dict[str, Any] | None = None,
+    data_cfg: dict[str, Any] | None = None, lines: Any = None,
 ) -> Path:
-    """Write `directory/{model.safetensors, tokenizer.json, config.json}` (see the module docstring).
+    """Write `directory/{model.safetensors, tokenizer.json, config.json}` and, given `lines` (a
+    `lingmao.verse.lines.LineSet`), `lines.safetensors` (see the module docstring).
 
     Refuses (LingmaoError) a folder that holds other things and is not an export; other files in an export
     folder are kept."""
@@ -110,18 +116,21 @@ def export_model(
     try:
         save_safetensors(model, str(staging / WEIGHTS))
         tokenizer.save(str(staging / TOKENIZER))
+        if lines is not None:
+            lines.save(staging / LINES)
         cfg = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
         config = {
             "format": FORMAT,
             "vocab_size": int(getattr(model, "vocab_size", tokenizer.get_vocab_size())),
             "model": cfg,
             "data": {k: (data_cfg or {}).get(k) for k in DATA_KEYS},
-            "sha256": {name: file_sha256(staging / name) for name in (WEIGHTS, TOKENIZER)},
+            "sha256": {name: file_sha256(staging / name) for name in (WEIGHTS, TOKENIZER, LINES)
+                       if (staging / name).is_file()},
         }
         (staging / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
         marker = {"format": FORMAT, "sha256": {CONFIG: file_sha256(staging / CONFIG)}}
         (staging / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-        for name in EXPORT_FILES:
+        for name in (n for n in EXPORT_FILES if (staging / n).exists()):
             os.chmod(staging / name, file_mode())
             fsync_file(staging / name)
         fsync_dir(staging)
@@ -131,6 +140,8 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finish_export(directory)
+    if lines is None and (directory / LINES).is_file():
+        (directory / LINES).unlink()  # an earlier export's, which the new config.json does not list
     return directory
 
 
@@ -148,11 +159,13 @@ def finish_export(directory: Path) -> None:
 
 @dataclass
 class LingmaoModel:
-    """An exported model, ready to use: `.model` (eval mode), `.tokenizer`, `.config`."""
+    """An exported model, ready to use: `.model` (eval mode), `.tokenizer`, `.config`, and `.lines`: the set of
+    its training lines (`lingmao.verse.lines.LineSet`), None for an export written before lingmao kept one."""
 
     model: torch.nn.Module
     tokenizer: Tokenizer
     config: dict[str, Any] = field(default_factory=dict)
+    lines: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +181,9 @@ class LingmaoModel:
         Options (see `lingmao.sampling.generate`): form (wujue, qijue, wulv, qilv, or ci with tune=NAME,
         e.g. tune="浣溪沙"), acrostic, rhyme (pingshui | modern | none; default pingshui with a form), tones
         (strict | lenient | off; default lenient for a shi form), pattern (auto | 平起 | 仄起),
-        first_line_rhymes (None = either), title, temperature (0 = greedy), top_k, top_p,
+        first_line_rhymes (None = either), distinct_rhymes (default True: no 重韵 in a shi form), refuse_copies
+        (None = refuse to complete a training line with a form, when the model has its line set), title,
+        temperature (0 = greedy), top_k, top_p,
         repetition_penalty, max_new_tokens (free text only: a form fixes the length), num_samples, seed,
         convert, context_length, stream, on_token. Tone marks of a result: `lingmao.verse.notation.tone_marks`.
         """
@@ -222,14 +237,20 @@ class LingmaoModel:
             raise LingmaoError(f"{path}: cannot load the weights ({str(exc).splitlines()[0]})") from None
         model.to(device).eval()
         config: dict[str, Any] = {"vocab_size": vocab_size, "model": dataclasses.asdict(model_cfg), "data": {}}
+        lines = None
         for d in run_dirs:
             if (d / CONFIG).is_file():
                 try:
-                    config["data"] = json.loads((d / CONFIG).read_text(encoding="utf-8")).get("data") or {}
+                    exported = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+                    config["data"] = exported.get("data") or {}
                 except (OSError, ValueError, AttributeError):  # unreadable or not an export's: no data settings
-                    pass
+                    exported = {}
+                lines = load_lines(d, exported if isinstance(exported, dict) else {})  # from the run's export
                 break
-        return cls(model, tok, config)
+        else:
+            log.warning("%s: no export in its run, so no set of training lines (%s): generated verse may copy "
+                        "training lines", path, LINES)
+        return cls(model, tok, config, lines)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LingmaoModel:
@@ -264,7 +285,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Lin
         raise LingmaoError(f"{directory / WEIGHTS}: cannot load the weights ({first})") from None
     model.to(device).eval()
     config["model"] = dataclasses.asdict(model_cfg)
-    return LingmaoModel(model, tokenizer, config)
+    return LingmaoModel(model, tokenizer, config, load_lines(directory, config))
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -301,3 +322,15 @@ def verify_export(directory: Path, config: dict[str, Any]) -> None:
                     f"{path}: not the file this export wrote (its SHA-256 differs from the one {record} records); "
                     f"export the model again, or put back the {name} that belongs with this {record}"
                 )
+
+
+def load_lines(directory: Path, config: dict[str, Any]) -> Any:
+    """The export's line set (`lingmao.verse.lines`), or None, said once, for an export written before there was
+    one: generation then does not refuse copied lines."""
+    from lingmao.verse.lines import LineSet
+
+    if LINES not in (config.get("sha256") or {}) or not (directory / LINES).is_file():
+        log.warning("%s: no set of training lines (%s; an export written before lingmao kept one): generated "
+                    "verse may copy training lines", directory, LINES)
+        return None
+    return LineSet.load(directory / LINES)

@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> list[str]:
     texts = lm.generate(
         cfg.prompt or "", form=cfg.form, tune=cfg.get("tune"), acrostic=cfg.acrostic, rhyme=cfg.rhyme,
         tones=cfg.get("tones"), pattern=cfg.get("pattern"), first_line_rhymes=cfg.get("first_line_rhymes"),
-        title=cfg.title,
+        distinct_rhymes=cfg.get("distinct_rhymes", True), refuse_copies=cfg.get("refuse_copies"), title=cfg.title,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
         max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, seed=seed, convert=cfg.convert,
         context_length=cfg.context_length, stream=stream if streaming else None,

@@ -22,6 +22,7 @@ from lingmao.data.tokenizer import special_ids
 from lingmao.decoding import AllowedTokens, Banned, Generation, RepetitionPenalty, StepMask, decode
 from lingmao.errors import LingmaoError
 from lingmao.verse.forms import FormConstraint, normalize_form, normalize_pattern, normalize_rhyme, normalize_tones
+from lingmao.verse.lines import copy_filter
 from lingmao.verse.vocab import vocab_tables
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ def prepare(
     tones: str | None = None,
     pattern: str | None = "auto",
     first_line_rhymes: bool | None = None,
+    distinct_rhymes: bool = True,
+    refuse_copies: bool | None = None,
     title: str | None = None,
     temperature: float = 0.8,
     top_k: int | None = 0,
@@ -202,7 +205,9 @@ def prepare(
     `on_token(sample, piece)` receives each sample's, and may raise to stop the generation.
     Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
     rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
-    lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either).
+    lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either), distinct_rhymes
+    (no character ends two lines that rhyme, 重韵, in a shi form). refuse_copies (`lingmao.verse.lines`): never
+    complete a line of a form into a line of the training data; None = on with a form when `lm.lines` is set.
     """
     check_options(temperature, top_k, top_p, repetition_penalty, max_new_tokens, num_samples)
     check_text("prompt", prompt, newlines=True)
@@ -236,9 +241,13 @@ def prepare(
     if form is not None:
         constraint = FormConstraint(
             tok, form, prompt, acrostic, rhyme=rhyme, tones=tones, pattern=pattern,
-            first_line_rhymes=first_line_rhymes, tune=tune,
+            first_line_rhymes=first_line_rhymes, tune=tune, distinct_rhymes=distinct_rhymes,
         )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
+    step_mask = constraint.mask if constraint is not None else None
+    copies = copy_filter(getattr(lm, "lines", None), constraint, tok, prompt, refuse_copies)
+    if copies is not None:
+        step_mask = copies.restrict(step_mask)
     eligible = vocab_tables(tok).han
     pieces = token_pieces(tok)
 
@@ -256,7 +265,7 @@ def prepare(
         prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         rules=sampling_rules(model.vocab_size, repetition_penalty, eligible, [ids["pad"], ids["unk"], ids["bos"]],
-                             constraint.mask if constraint is not None else None),
+                             step_mask),
         context_length=context_length or data_cfg.get("context_length"), on_step=on_step,
     )
     generation.text = lambda rows: [prompt + "".join(pieces[i] for i in row) for row in rows]

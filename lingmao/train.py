@@ -25,6 +25,7 @@ from lingmao.export import export_model
 from lingmao.hardware import configure_process, resolve_accelerator, resolve_precision
 from lingmao.loggers import build_loggers
 from lingmao.module import LingmaoLM
+from lingmao.verse.lines import LineSet
 
 log = logging.getLogger("lingmao.train")
 
@@ -112,7 +113,8 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
         result.test = test_result(trainer, lm, dm)
     if conf.export and trainer.is_global_zero:
         result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
-        export_model(result.export_dir, lm.model, tokenizer, conf.model, dataclasses.asdict(conf.data))
+        lines = LineSet.from_files(dm.files("train"), dm.source)  # what generation must not copy
+        export_model(result.export_dir, lm.model, tokenizer, conf.model, dataclasses.asdict(conf.data), lines=lines)
         log.info("exported the model to %s", result.export_dir)
     report.log_summary(trainer, result.checkpoint, result.export_dir, result.test)
     if conf.show_samples and trainer.is_global_zero:

@@ -1,5 +1,7 @@
 """End-to-end: `python -m lingmao.train` on a cut of the corpus writes a checkpoint and an export that loads back."""
 
+import json
+
 import pytest
 import torch
 
@@ -18,6 +20,11 @@ def test_train_checkpoint_export_reload(trained_run):
 
     loaded = load_model(export_dir)
     assert loaded.config["model"]["d_model"] == 32
+    # The set of training lines that generation refuses to copy, and the file it came from.
+    train = trained_run.tmp / "train.jsonl"
+    assert loaded.lines is not None and loaded.lines.files == [str(train.resolve())]
+    first = json.loads(train.read_text(encoding="utf-8").splitlines()[0])["text"]
+    assert first.split("，")[0] in loaded.lines  # 秦川雄帝宅 (data.convert=none in the tiny run)
     # The export holds the trained weights: same logits as the checkpoint's model.
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     ids = torch.tensor([loaded.tokenizer.encode("床前明月光").ids])

@@ -139,7 +139,52 @@ def test_check_cli(tmp_path):
 
 @pytest.mark.slow
 def test_the_verse_package_needs_neither_lightning_nor_hydra():
-    modules = ", ".join(f"lingmao.verse.{m}" for m in ("checker", "forms", "notation", "tunes", "vocab", "meter"))
+    modules = ", ".join(f"lingmao.verse.{m}" for m in ("checker", "forms", "notation", "tunes", "vocab", "meter",
+                                                         "lines", "originality"))
     code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'hydra'}}))"
     proc = run_module("-c", code, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_repeated_rhymes_and_characters():
+    """重韵: one character ending two rhyming lines; 重字: a character used in two places, 叠字 being one use."""
+    denggao = check(DENGGAO)
+    assert denggao.distinct_rhymes and denggao.distinct_chars  # 蕭蕭 and 滾滾 are 叠字, not 重字
+    assert "no 重韵 ok, no 重字 ok" in denggao.report()
+    jingyesi = check(JINGYESI)
+    assert jingyesi.distinct_rhymes and not jingyesi.distinct_chars
+    assert [str(r) for r in jingyesi.repeated_chars] == [
+        "'明' at line 1, char 3 and line 3, char 4", "'月' at line 1, char 4 and line 3, char 5",
+        "'頭' at line 3, char 2 and line 4, char 2"]
+    # 流 ends lines 2 and 4 (both rhyme), and in simplified and traditional form 楼 and 樓 are one character.
+    repeated = check("白日依山尽，黄河入海流。\n欲穷千里目，更上一层流。")
+    assert not repeated.distinct_rhymes and repeated.rhyme_ok  # the rhyme itself is fine
+    assert [str(r) for r in repeated.repeated_rhymes] == ["'流' ends lines 2 and 4"]
+    assert "重韵: '流' ends lines 2 and 4" in repeated.report()
+    mixed = check("樓上依山尽，黄河入海流。\n欲穷千里目，更上一层楼。")
+    assert mixed.distinct_rhymes and [str(r) for r in mixed.repeated_chars] == [
+        "'樓' at line 1, char 1 and line 4, char 5", "'上' at line 1, char 2 and line 4, char 2"]
+    # A run of one character is one use however long; two runs are two uses.
+    assert check("青青河畔草，郁郁园中柳。\n盈盈楼上女，皎皎当窗牖。").distinct_chars
+    assert [str(r) for r in check("青青河畔草，郁郁园中青。\n盈盈楼上女，皎皎当窗牖。").repeated_chars] == [
+        "'青' at line 1, char 1, line 1, char 2 and line 2, char 5"]
+    assert check(HUANXISHA, tune="浣溪沙").distinct_chars is None  # ci are not judged for repeats
+    assert check(JINGYESI, rhyme_mode="none").distinct_rhymes is None
+    summary = Summary()
+    for poem in (DENGGAO, JINGYESI, "白日依山尽，黄河入海流。\n欲穷千里目，更上一层流。"):
+        summary.add(check(poem))
+    assert summary.rates()["no 重韵"] == pytest.approx(2 / 3) and summary.rates()["no 重字"] == pytest.approx(1 / 3)
+
+
+def test_page_marks_show_repeats():
+    from lingmao.serve.marks import poem_marks
+
+    marks = poem_marks("白日依山尽，黄河入海流。\n欲穷千里目，更上一层流。")
+    cells = {(i, j): c for i, line in enumerate(marks["lines"]) for j, c in enumerate(line)}
+    assert cells[(0, 10)]["ch"] == "流" and cells[(0, 10)]["repeat"] == "重韵"
+    assert cells[(1, 10)]["repeat"] == "重韵" and cells[(0, 0)]["repeat"] is None
+    assert "重韵: '流' ends lines 2 and 4" in marks["verdict"]["problems"]
+    jingyesi = poem_marks(JINGYESI)
+    repeats = [c["ch"] for line in jingyesi["lines"] for c in line if c["repeat"] == "重字"]
+    assert repeats == list("明月頭明月頭")  # in text order
+    assert all(c["repeat"] is None for line in poem_marks(DENGGAO)["lines"] for c in line)

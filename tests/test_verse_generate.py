@@ -93,6 +93,46 @@ def test_lenient_samples_pass_lenient_checking(lm, form):
     assert any(not check(p, form).tones_strict for p in poems)  # lenient does use its freedom
 
 
+def rhyme_ends(poem: str) -> list[str]:
+    """The ends of line 1 and the even lines, in simplified form (華 and 华 are one character)."""
+    lines = lines_of(poem)
+    return [pingshui.simplified(x[-1]) for x in [lines[0], *lines[1::2]]]
+
+
+@pytest.mark.slow
+def test_no_repeated_rhyme_in_100_samples_of_each_form(lm):
+    """重韵: by construction no character ends two lines that may rhyme; without the rule the model repeats."""
+    repeats = 0
+    for form in FORMS:
+        for poem in lm.generate(form=form, num_samples=100, seed=9, temperature=1.0, top_p=1.0):  # defaults
+            ends = rhyme_ends(poem)
+            assert len(set(ends)) == len(ends), poem
+            verdict = check(poem, form)
+            assert verdict.distinct_rhymes and verdict.rhyme_ok and verdict.tones_lenient, verdict.report()
+        free = lm.generate(form=form, num_samples=40, seed=9, temperature=1.0, top_p=1.0, distinct_rhymes=False)
+        repeats += sum(len(set(rhyme_ends(p))) < len(rhyme_ends(p)) for p in free)
+    assert repeats > 10  # the tiny model rhymes 花 with 花 (or 華) when it may
+    for poem in lm.generate(form="qilv", tones="off", rhyme="modern", num_samples=20, seed=9):
+        assert len(set(rhyme_ends(poem))) == 5, poem
+
+
+def test_too_few_rhymes_for_distinct_line_ends_is_an_error_before_sampling():
+    """A vocabulary whose only 平 characters are 東 風 风 (一东): two characters, three tokens. A 五绝's line 1 and
+    lines 2 and 4 need three different ones."""
+    oblique = "白日入海月落竹石國十一出黑木葉雪客夜"
+    texts = [oblique[k : k + 5] + "，" + oblique[k + 5 : k + 9] + "東。\n" for k in range(8)] + ["風风"]
+    tok = train_tokenizer(texts)
+    assert {t for t in tok.get_vocab() if is_han(t) and PING in pingshui.tones(t)} == set("東風风")
+    model = build_model(ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32), tok.get_vocab_size())
+    bare = LingmaoModel(model.eval(), tok, {})
+    with pytest.raises(LingmaoError, match="no 平声 Pingshui group has 3 different characters in the model's "
+                                           r"vocabulary for each of its rhyme positions \(no 重韵"):
+        bare.generate(form="wujue", tones="off")
+    verdicts = [check(p, "wujue") for p in bare.generate(form="wujue", tones="off", distinct_rhymes=False,
+                                                          num_samples=20, seed=0)]
+    assert all(v.rhyme_ok for v in verdicts) and not all(v.distinct_rhymes for v in verdicts)
+
+
 def test_pattern_and_first_line_rhyme_are_obeyed(lm):
     for start, first in (("平起", True), ("仄起", False)):
         poems = lm.generate(form="wulv", tones="strict", pattern=start, first_line_rhymes=first, num_samples=20,
@@ -179,17 +219,21 @@ def test_a_vocabulary_without_level_characters_is_an_error_before_sampling():
     assert check(poem, "wujue").format_ok
 
 
-POLICIES = ("uniform", "oblique_first")
+POLICIES = ("uniform", "oblique_first", "repeat_first")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lenient", "strict"])
 def test_no_dead_end_whatever_is_chosen(lm, mode):
     """Walk the masks alone, uniformly or adversarially (always a 仄-only character when one is allowed, to
-    provoke 孤平): no position is ever left without an admissible character, and every walk passes the check."""
+    provoke 孤平; or a character that ended an earlier line, to provoke 重韵): no position is ever left without an
+    admissible character, and every walk passes the check."""
     tok = lm.tokenizer
     pieces = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
     oblique_only = torch.tensor([is_han(p) and pingshui.tones(p) == {ZE} for p in pieces])
+    first_of: dict[str, int] = {}  # one id per character in simplified form: 華 and 华 alike
+    same = torch.tensor([first_of.setdefault(pingshui.simplified(p) if is_han(p) else p, i)
+                         for i, p in enumerate(pieces)])
     generator = torch.Generator().manual_seed(0)
     for form, policy in itertools.product(FORMS, POLICIES):
         constraint = FormConstraint(tok, form, rhyme="pingshui", tones=mode)
@@ -201,6 +245,10 @@ def test_no_dead_end_whatever_is_chosen(lm, mode):
             if policy == "oblique_first":
                 preferred = allowed & oblique_only
                 allowed = torch.where(preferred.any(-1, keepdim=True), preferred, allowed)
+            if policy == "repeat_first":  # the characters already written, in either script
+                written = torch.zeros(allowed.shape, dtype=torch.bool).scatter_(1, same[generated], True)
+                preferred = written[:, same] & allowed
+                allowed = torch.where(preferred.any(-1, keepdim=True), preferred, allowed)
             # uniform among the chosen set: the largest of uniform draws
             choice = torch.where(allowed, torch.rand(allowed.shape, generator=generator), -1.0).argmax(-1)
             generated = torch.cat([generated, choice.unsqueeze(1)], dim=1)
@@ -209,6 +257,7 @@ def test_no_dead_end_whatever_is_chosen(lm, mode):
             verdict = check(poem, form)
             assert verdict.rhyme_ok and (verdict.tones_strict if mode == "strict" else verdict.tones_lenient), (
                 policy, verdict.report())
+            assert verdict.distinct_rhymes and len(set(rhyme_ends(poem))) == len(rhyme_ends(poem)), poem
 
 
 def test_modern_rhyme_with_tones(lm):
@@ -246,6 +295,7 @@ def test_evaluate_verse(lm):
     forced = evaluate_verse(lm, ["qilv"], 5, rhyme="pingshui", tones="strict", seed=0)["qilv"]
     assert forced["rhyme"] == forced["tones strict"] == forced["tones lenient"] == 1.0
     assert 0 < forced["distinct-2"] <= 1
+    assert forced["no 重韵"] == 1.0 and forced["repeated chars per poem"] >= 0 and "copied lines" not in forced
     assert distinct_n(["春風春風，春風。"], 2) == pytest.approx(2 / 4)  # 春風 風春 春風 | 春風: 2 distinct of 4
     with pytest.raises(LingmaoError, match="verse.forms: 'sonnet'"):
         evaluate_verse(lm, ["sonnet"], 2)

@@ -42,6 +42,8 @@ def poem_marks(
 
     `tone`: 平, 仄, either (polyphonic), unknown (not in the Pingshui table), or null (not a Han character).
     `rhyme`: null (not a rhyme position), "ok" or "miss". `fault`: the tonal fault at this character, or null.
+    `repeat`: "重韵" (a rhyme character that ends another rhyming line too), "重字" (a character used in another
+    place of the poem, 叠字 aside: `lingmao.verse.checker`), or null.
     Free text (form None) is checked as the form it has, if any (`lingmao.verse.checker.detect`).
     """
     verdict = check(text, form, tune=tune, title=title, rhyme_mode=rhyme_mode)
@@ -52,12 +54,14 @@ def poem_marks(
         if pos is not None:
             last_place[pos[0]] = pos[1]
     faults: dict[tuple[int, int], str] = {(v.line, v.char): v.message for v in verdict.violations}
+    repeats = {place: "重字" for r in verdict.repeated_chars for place in r.places}
+    repeats.update({place: "重韵" for r in verdict.repeated_rhymes for place in r.places})
     lines: list[list[dict[str, Any]]] = [[]]
     for ch, pos in zip(text, positions, strict=True):
         if ch == "\n":
             lines.append([])
             continue
-        cell: dict[str, Any] = {"ch": ch, "tone": None, "mark": None, "rhyme": None, "fault": None}
+        cell: dict[str, Any] = {"ch": ch, "tone": None, "mark": None, "rhyme": None, "fault": None, "repeat": None}
         if is_han(ch):
             cell["mark"] = mark(ch)
             cell["tone"] = TONE_OF_MARK[cell["mark"]]
@@ -67,6 +71,7 @@ def poem_marks(
             if rhyme is not None and place == last_place[clause]:
                 cell["rhyme"] = "ok" if rhyme.ok else "miss"
             cell["fault"] = faults.get(pos)
+            cell["repeat"] = repeats.get(pos)
         lines[-1].append(cell)
     return {
         "text": text,
@@ -84,6 +89,7 @@ def poem_marks(
             "rhyme_ok": verdict.rhyme_ok,
             "tones_lenient": verdict.tones_lenient,
             "problems": verdict.format_problems + verdict.acrostic_problems + verdict.rhyme_problems
+            + [f"重韵: {r}" for r in verdict.repeated_rhymes] + [f"重字: {r}" for r in verdict.repeated_chars]
             + [str(v) for v in verdict.violations],
         },
     }

@@ -8,6 +8,14 @@ and rhyme misses, then fewest strict faults). Lenient faults at the even positio
 poem breaks 对/粘 or the 二四六 alternation ("对粘" below); the other lenient faults are 孤平, 三平尾, 三仄尾.
 The strict faults that lenient checking allows are the poet's liberties at the free positions.
 
+Repeated characters (shi, well-formed): a *use* of a character is a run of it at adjacent positions of one line,
+so 叠字 (萧萧, 滚滚) is one use, deliberate reduplication. **重字**: a character with two uses or more anywhere in the
+poem (静夜思's 明月 and 头 are 重字: it is a 古绝, and old-style verse allows them; regulated verse avoids them, and
+the checker cannot tell deliberate parallelism from carelessness, so it flags every one). **重韵** (with a rhyme
+mode): one character ending two or more of the rhyming lines of the best-fitting pattern. Characters are compared
+in simplified form (華 and 华 are one character). Both are flagged, not counted against `regulated`; ci are not
+judged for them (some tunes repeat by design: 长相思's 汴水流，泗水流).
+
 Ci: the clauses must have the tune's lengths (`lingmao.verse.tunes`; punctuation varies between editions and is
 not judged); each rhyme set of the tune must end in one section of the 词林正韵 with the tones the tune gives.
 Ci have no tone pattern here.
@@ -46,6 +54,22 @@ class RhymeMark:
 
 
 @dataclass
+class Repeat:
+    """A character used in more than one place: its 1-based (line, char) positions, every character of each use."""
+
+    char: str
+    places: list[tuple[int, int]]
+    rhyme: bool = False  # 重韵: the places are line ends that rhyme
+
+    def __str__(self) -> str:
+        if self.rhyme:
+            lines = [str(line) for line, _ in self.places]
+            return f"'{self.char}' ends lines " + ", ".join(lines[:-1]) + f" and {lines[-1]}"
+        where = [f"line {line}, char {col}" for line, col in self.places]
+        return f"'{self.char}' at " + ", ".join(where[:-1]) + f" and {where[-1]}"
+
+
+@dataclass
 class Verdict:
     text: str
     form: str | None  # wujue qijue wulv qilv ci, or None (no form)
@@ -63,6 +87,8 @@ class Verdict:
     liberties: list[Violation] = field(default_factory=list)  # strict faults lenient checking allows
     unknown: list[str] = field(default_factory=list)  # characters missing from the Pingshui table
     acrostic_problems: list[str] = field(default_factory=list)
+    repeated_rhymes: list[Repeat] = field(default_factory=list)  # 重韵 (shi)
+    repeated_chars: list[Repeat] = field(default_factory=list)  # 重字 (shi): outside 叠字
 
     @property
     def is_shi(self) -> bool:
@@ -92,6 +118,18 @@ class Verdict:
         return not any(v.kind == "tone" for v in self.violations) if self.format_ok and self.is_shi else None
 
     @property
+    def distinct_rhymes(self) -> bool | None:
+        """No 重韵: no character ends two rhyming lines (well-formed shi with a rhyme mode)."""
+        if not self.format_ok or not self.is_shi or self.rhyme_mode == "none":
+            return None
+        return not self.repeated_rhymes
+
+    @property
+    def distinct_chars(self) -> bool | None:
+        """No 重字: no character used in two places, 叠字 aside (well-formed shi)."""
+        return not self.repeated_chars if self.format_ok and self.is_shi else None
+
+    @property
     def regulated(self) -> bool | None:
         """Regulated verse (律): right format, rhyme and lenient tones."""
         if self.tones_lenient is None:
@@ -118,11 +156,15 @@ class Verdict:
             parts.append(f"rhyme {_yes(self.rhyme_ok)} ({' / '.join(self.rhyme_class) or '-'})")
         if self.tones_lenient is not None:
             parts.append(f"tones lenient {_yes(self.tones_lenient)}, strict {_yes(self.tones_strict)}")
+        if self.distinct_chars is not None:
+            parts.append(f"no 重韵 {_yes(self.distinct_rhymes)}, no 重字 {_yes(self.distinct_chars)}")
         out.append("  " + "; ".join(parts))
         out += [f"  format: {p}" for p in self.format_problems + self.acrostic_problems]
         if self.rhymes:
             out.append("  rhymes: " + " ".join(f"{m.line}:{m.char}({'/'.join(m.classes) or '?'})" for m in self.rhymes))
         out += [f"  rhyme: {p}" for p in self.rhyme_problems]
+        out += [f"  重韵: {r}" for r in self.repeated_rhymes]
+        out += [f"  重字: {r}" for r in self.repeated_chars]
         out += [f"  {v}" for v in self.violations]
         if self.liberties:
             out.append("  liberties (strict only): " + "; ".join(str(v) for v in self.liberties))
@@ -134,7 +176,8 @@ class Verdict:
         data = asdict(self)
         data["violations"] = [str(v) for v in self.violations]
         data["liberties"] = [str(v) for v in self.liberties]
-        for key in ("format_ok", "rhyme_ok", "tones_lenient", "tones_strict", "rhythm_ok", "regulated"):
+        for key in ("format_ok", "rhyme_ok", "tones_lenient", "tones_strict", "rhythm_ok", "regulated",
+                    "distinct_rhymes", "distinct_chars"):
             data[key] = getattr(self, key)
         return data
 
@@ -239,6 +282,32 @@ def _check_shi(verdict: Verdict, parts: list[Clause], acrostic: str) -> None:
     verdict.violations = lenient
     verdict.liberties = meter.liberties(lines, p)
     verdict.rhymes, verdict.rhyme_class, verdict.rhyme_problems = marks, shared, problems
+    verdict.repeated_chars = repeated_chars(lines)
+    verdict.repeated_rhymes = repeated_rhymes(lines, marks)
+
+
+def repeated_chars(lines: list[str]) -> list[Repeat]:
+    """重字: the characters of `lines` with two uses or more; a run of one character in a line (叠字) is one use."""
+    uses: dict[str, int] = {}
+    places: dict[str, list[tuple[int, int]]] = {}
+    for i, line in enumerate(lines):
+        for j, ch in enumerate(line):
+            if not is_han(ch):
+                continue
+            key = pingshui.simplified(ch)
+            if j == 0 or pingshui.simplified(line[j - 1]) != key:
+                uses[key] = uses.get(key, 0) + 1
+            places.setdefault(key, []).append((i + 1, j + 1))
+    return [Repeat(lines[p[0][0] - 1][p[0][1] - 1], p) for key, p in places.items() if uses[key] > 1]
+
+
+def repeated_rhymes(lines: list[str], marks: list[RhymeMark]) -> list[Repeat]:
+    """重韵: the characters that end two or more of the rhyming lines (`marks`, 1-based lines of `lines`)."""
+    ends: dict[str, list[RhymeMark]] = {}
+    for m in marks:
+        ends.setdefault(pingshui.simplified(m.char), []).append(m)
+    return [Repeat(ms[0].char, [(m.line, len(lines[m.line - 1])) for m in ms], rhyme=True)
+            for ms in ends.values() if len(ms) > 1]
 
 
 def _shi_rhyme(lines: list[str], p: meter.Pattern, mode: str) -> tuple[list[RhymeMark], list[str], list[str]]:
@@ -291,9 +360,11 @@ def _check_ci(verdict: Verdict, parts: list[Clause], tune: tunes.Tune) -> None:
 class Summary:
     """Counts over many verdicts, overall and per form; each rate is over the poems it applies to."""
 
-    KEYS = ("format_ok", "rhyme_ok", "rhythm_ok", "tones_lenient", "tones_strict", "regulated")
+    KEYS = ("format_ok", "rhyme_ok", "rhythm_ok", "tones_lenient", "tones_strict", "regulated", "distinct_rhymes",
+            "distinct_chars")
     LABELS = {"format_ok": "format", "rhyme_ok": "rhyme", "rhythm_ok": "对粘", "tones_lenient": "tones lenient",
-              "tones_strict": "tones strict", "regulated": "regulated"}
+              "tones_strict": "tones strict", "regulated": "regulated", "distinct_rhymes": "no 重韵",
+              "distinct_chars": "no 重字"}
 
     def __init__(self) -> None:
         self.poems = 0

@@ -20,6 +20,14 @@ rhyme set has a class with characters for all of its positions. A sampled charac
 after a 仄-only character at the first free position of a B line (平平仄仄平), the third must be 平 (no 孤平);
 the vocabulary's 平 characters were checked to exist. When no variant is viable, the error says why before
 sampling starts.
+
+No 重韵 (`distinct_rhymes`, shi forms with a rhyme): no character ends two of the lines that may rhyme (line 1
+and the even lines), so whichever pattern a reader fits the poem to, its rhymes are distinct. At such a line end
+the characters of the earlier ones are excluded, in both their traditional and simplified forms (華 and 华 are
+one character). This keeps decoding free of dead ends because a rhyme class is viable only if it has, at every
+rhyme position, at least as many different admissible characters (counted in simplified form) as there are such
+line ends: at most that many minus one are used when one is sampled. Ci are left alone: some tunes repeat a rhyme by
+design (长相思's 汴水流，泗水流; 如梦令's 如梦，如梦).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from lingmao.verse.vocab import (
     char_rhyme_classes,
     char_tone_fits,
     rhyme_masks,
+    variant_ids,
     vocab_tables,
 )
 
@@ -252,7 +261,8 @@ def _tone_words(ch: str) -> str:
 
 
 class FormConstraint:
-    """Masks for constrained decoding of one form: layout, acrostic, tones and rhyme.
+    """Masks for constrained decoding of one form: layout, acrostic, tones, rhyme and, with `distinct_rhymes`, no
+    重韵 (see the module docstring).
 
     `start` is the number of slots the prompt already fills; `mask(step, generated)` returns the tokens
     allowed at slot `start + step` as a bool tensor [batch, V], given the tokens generated so far ([batch, step]).
@@ -269,6 +279,7 @@ class FormConstraint:
         pattern: str = "auto",
         first_line_rhymes: bool | None = None,
         tune: Tune | str | None = None,
+        distinct_rhymes: bool = True,
     ) -> None:
         self.form = form
         if form == CI:
@@ -289,6 +300,10 @@ class FormConstraint:
             self.variants = shi_variants(form, tones, rhyme, pattern, first_line_rhymes)
             self.system = "modern" if rhyme == "modern" else "pingshui"
         self.rhyme, self.tones = rhyme, tones
+        # Character positions that must all differ (see the module docstring): line 1's end and the even lines'.
+        self.distinct_at: list[int] = []
+        if distinct_rhymes and form != CI and rhyme != "none":
+            self.distinct_at = [self.chars - 1] + [i * self.chars + self.chars - 1 for i in range(1, self.lines, 2)]
         self.what = f"form={form}" + (f" tune={self.tune.name}" if self.tune else "")
         self.tables = vocab_tables(tok)
         self.size = self.tables.size
@@ -305,7 +320,9 @@ class FormConstraint:
         self.fixed: dict[int, str] = {self.char_index[k]: ch for k, ch in enumerate(prompt) if k in self.char_index}
         for line, (ch, _) in self.acrostic.items():
             self.fixed.setdefault(self.char_index[self._slot_of(line, 0)], ch)
+        self.fixed_ids = {k: tok.token_to_id(ch) for k, ch in self.fixed.items()}
         self.masks = rhyme_masks(tok, self.system) if any(v.rhymes for v in self.variants) else None
+        self.variant_of = variant_ids(tok)  # token -> one token of the same character (simplified form)
         self._select_variants()
         self._state: _State | None = None
 
@@ -398,13 +415,18 @@ class FormConstraint:
             elif b not in self.fixed and not bool(tone_masks[LEVEL].any()):
                 return f"{self.where(b)}: no character of the model's vocabulary is 平", []
         classes = []
+        needed = max(len(self.distinct_at), 1)  # admissible characters a class needs at each rhyme position
         for members in v.rhymes:
             ok = torch.ones(self.masks.size(1), dtype=torch.bool)
+            some = ok.clone()  # classes with at least one admissible character at each position
             for k, t in members:
                 if k in self.fixed:
                     ok &= char_rhyme_classes(self.fixed[k], self.system)[t] & self._fits(self.fixed[k], v.need[k])
+                    some &= ok
                 else:
-                    ok &= (self.masks[t] & tone_masks[v.need[k]]).any(-1)
+                    count = self._distinct_count(self.masks[t] & tone_masks[v.need[k]])
+                    ok &= count >= needed
+                    some &= count > 0
             if not bool(ok.any()):
                 fixed = [f"'{self.fixed[k]}' ({self.where(k)})" for k, _ in members if k in self.fixed]
                 tone = RHYME_TONES[members[0][1]] or ""
@@ -412,9 +434,21 @@ class FormConstraint:
                           "modern": "modern rhyme class"}[self.system]
                 if fixed:
                     return f"rhyme: {' and '.join(fixed)} share no {system} that the other rhyme positions can use", []
+                if bool(some.any()):
+                    return (f"rhyme: no {system} has {needed} different characters in the model's vocabulary for "
+                            "each of its rhyme positions (no 重韵; distinct_rhymes=false allows repeats)"), []
                 return f"rhyme: no {system} has characters in the model's vocabulary for all its rhyme positions", []
             classes.append(ok)
         return None, classes
+
+    def _distinct_count(self, admissible: torch.Tensor) -> torch.Tensor:
+        """long [C]: per class (row of `admissible`, bool [C, V]), its different characters in simplified form
+        (its tokens when rhymes may repeat, which is all that matters then: none or some)."""
+        if not self.distinct_at:
+            return admissible.sum(-1)
+        index = self.variant_of.expand_as(admissible)
+        present = torch.zeros(admissible.shape).scatter_reduce_(1, index, admissible.float(), reduce="amax")
+        return present.sum(-1).long()
 
     def _select_variants(self) -> None:
         kept, problems = [], []
@@ -465,10 +499,12 @@ class _State:
     def __init__(self, c: FormConstraint, batch: int, device: torch.device) -> None:
         self.c, self.batch, self.device, self.consumed = c, batch, device, 0
         self.tone_masks = c.tables.tone_masks.to(device)
+        self.variant_of = c.variant_of.to(device)
         self.rhyme_masks = c.masks.to(device) if c.masks is not None else None
         self.rhyme_float = self.rhyme_masks.float() if self.rhyme_masks is not None else None
         n = len(c.char_slots)
         self.level = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        self.tokens = torch.full((batch, n), -1, dtype=torch.long, device=device)  # the token at each position
         self.alive = torch.ones(batch, len(c.variants), dtype=torch.bool, device=device)
         self.live = [
             torch.stack(classes).to(device).unsqueeze(0).repeat(batch, 1, 1) if classes else None
@@ -503,6 +539,11 @@ class _State:
                 s, t = at
                 m = m & ((self.live[vi][:, s, :].float() @ self.rhyme_float[t]) > 0)
             allowed |= m & self.alive[:, vi : vi + 1]
+        if k in self.c.distinct_at:  # no 重韵: not a character that ended an earlier line that may rhyme
+            ids = self.tokens[:, [p for p in self.c.distinct_at if p < k]]
+            used = torch.zeros(self.batch, self.c.size + 1, dtype=torch.bool, device=self.device)
+            used.scatter_(1, torch.where(ids >= 0, self.variant_of[ids.clamp(min=0)], self.c.size), True)
+            allowed &= ~used[:, self.variant_of]  # every form of a used character
         return allowed
 
     def fold_token(self, slot_index: int, tokens: torch.Tensor) -> None:
@@ -513,10 +554,13 @@ class _State:
         elif k is not None:
             classes = self.rhyme_masks[:, :, tokens] if self.rhyme_masks is not None else None
             self._fold(k, self.tone_masks[:, tokens], classes)
+            self.tokens[:, k] = tokens
         self.consumed += 1
 
     def _fold_fixed(self, k: int) -> None:
         ch = self.c.fixed[k]
+        if self.c.fixed_ids.get(k) is not None:
+            self.tokens[:, k] = self.c.fixed_ids[k]
         fits = fixed_char_fits(ch).to(self.device).unsqueeze(1).expand(-1, self.batch)
         classes = char_rhyme_classes(ch, self.c.system).to(self.device).unsqueeze(-1).expand(-1, -1, self.batch)
         self._fold(k, fits, classes)

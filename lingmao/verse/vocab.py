@@ -2,8 +2,9 @@
 
 `tone_masks[need]` says which tokens may fill a position that needs: FREE (any Han character), KNOWN (a Han
 character of known tone), LEVEL (can be read 平) or OBLIQUE (can be read 仄). `rhyme_masks(tok, system)[tone,
-class]` says which tokens rhyme in `class` when read with `tone` (0 any, 1 平, 2 仄). A decoding step then costs a
-few tensor operations, not a loop over the vocabulary.
+class]` says which tokens rhyme in `class` when read with `tone` (0 any, 1 平, 2 仄). `variant_ids(tok)` maps
+each token to one representative of the tokens that are the same character in simplified form (華 and 华). A
+decoding step then costs a few tensor operations, not a loop over the vocabulary.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def char_rhyme_classes(ch: str, system: str) -> torch.Tensor:
 
 _TABLES: dict[str, VocabTables] = {}
 _RHYMES: dict[tuple[str, str], torch.Tensor] = {}
+_VARIANTS: dict[str, torch.Tensor] = {}
 _KEYS: dict[int, tuple[Tokenizer, int, str]] = {}
 
 
@@ -96,3 +98,18 @@ def rhyme_masks(tok: Tokenizer, system: str) -> torch.Tensor:
             masks[:, :, i] = char_rhyme_classes(token, system)
         _RHYMES[key] = masks
     return _RHYMES[key]
+
+
+def variant_ids(tok: Tokenizer) -> torch.Tensor:
+    """long [V]: for each token, the smallest id of the tokens that are its Han character in simplified form (OpenCC
+    t2s: 華 and 华 share one); a token that is not a Han character is its own."""
+    key = tokenizer_fingerprint(tok)
+    if key not in _VARIANTS:
+        out = torch.arange(tok.get_vocab_size())
+        han = sorted(_han_tokens(tok), key=lambda pair: pair[1])
+        simple = pingshui.simplified("\n".join(token for token, _ in han)).split("\n")
+        first: dict[str, int] = {}
+        for (_, i), s in zip(han, simple, strict=True):
+            out[i] = first.setdefault(s, i)
+        _VARIANTS[key] = out
+    return _VARIANTS[key]
