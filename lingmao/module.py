@@ -48,6 +48,12 @@ class LingmaoLM(L.LightningModule):
         self._compiled_forward = torch.compile(self.model.forward) if self.model_config.compile else None
         self._schedules: list[tuple[float, int, float]] = []  # per parameter group: peak lr, warm-up, floor
 
+    def configure_model(self) -> None:
+        """Under hardware=fsdp, shard the model (lingmao/fsdp.py); other strategies take it as it is."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if callable(shard):
+            shard(self.model)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self._compiled_forward is not None:
             return self._compiled_forward(idx)

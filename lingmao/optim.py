@@ -29,8 +29,9 @@ from lingmao.checks import check_fields, choice, number
 from lingmao.errors import LingmaoError
 
 OPTIMIZERS = ("adamw", "muon")
-# Strategies that hand the optimizer flat shards of the parameters instead of whole matrices.
-SHARDING_STRATEGIES = ("fsdp", "deepspeed")
+# Strategies that hand the optimizer flat shards of the parameters instead of whole matrices. (hardware=fsdp
+# is FSDP2, whose parameters keep their shapes: Muon gathers each matrix, see `orthogonalize_whole`.)
+SHARDING_STRATEGIES = ("deepspeed",)
 
 
 @dataclass
@@ -78,11 +79,12 @@ class OptimConfig:
 
 
 def check_strategy(cfg: OptimConfig, strategy: str) -> None:
-    """Muon orthogonalises whole 2-D matrices; a sharding strategy gives it flat 1-D pieces of them."""
+    """Muon orthogonalises whole 2-D matrices; a sharding strategy other than hardware=fsdp gives it flat 1-D
+    pieces of them."""
     if cfg.name == "muon" and any(s in str(strategy).lower() for s in SHARDING_STRATEGIES):
         raise LingmaoError(
             f"optim.name=muon does not work with hardware.strategy={strategy}: it shards the weight matrices into "
-            "flat 1-D pieces and Muon needs whole matrices; use optim=adamw, or strategy ddp"
+            "flat 1-D pieces and Muon needs whole matrices; use hardware=fsdp, optim=adamw, or strategy ddp"
         )
 
 
@@ -181,6 +183,28 @@ def orthogonalize(g: torch.Tensor, steps: int, coefficients: tuple[float, float,
     return x.T if tall else x
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a `DTensor` (a parameter sharded by FSDP2)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def orthogonalize_whole(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """`orthogonalize` of the whole matrix, also when `g` holds only this rank's rows of it (an FSDP2 `DTensor`):
+    every rank gathers the matrix, orthogonalizes it and keeps its own rows of the result, which are those a
+    single process computes. Costs one all-gather of each matrix per step."""
+    if not is_dtensor(g):
+        return orthogonalize(g, steps, coefficients, eps, dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = orthogonalize(g.full_tensor(), steps, coefficients, eps, dtype)
+    return distribute_tensor(whole, g.device_mesh, g.placements, src_data_rank=None)
+
+
 def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """torch's learning-rate adjustment for a matrix of `shape` (`adjust_lr_fn` of `torch.optim.Muon`)."""
     rows, cols = shape[:2]
@@ -196,7 +220,8 @@ class Muon(torch.optim.Muon):
     several times slower than float32 (on a 2-core AVX2 machine: 2.2 against 13.8 GFLOP/s, and 15.8 s for
     one step of model=small's hidden matrices against 0.54 s in float32). `ns_dtype=None` keeps torch's own
     step on CUDA and uses float32 elsewhere. The update and the state (`momentum_buffer`) are torch's, so
-    checkpoints are interchangeable.
+    checkpoints are interchangeable. Parameters sharded by FSDP2 are orthogonalized whole
+    (`orthogonalize_whole`; on CUDA in bfloat16, as torch does).
     """
 
     def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
@@ -206,8 +231,11 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         params = [p for group in self.param_groups for p in group["params"]]
-        if self.ns_dtype is None and params and params[0].is_cuda:
+        cuda = bool(params) and params[0].is_cuda
+        sharded = any(is_dtensor(p) for p in params)
+        if self.ns_dtype is None and cuda and not sharded:
             return super().step(closure)
+        ns_dtype = self.ns_dtype or (torch.bfloat16 if cuda else torch.float32)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -223,8 +251,8 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       self.ns_dtype or torch.float32)
+                update = orthogonalize_whole(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                             ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-muon_lr(group["lr"], group["adjust_lr_fn"], p.shape))
         return loss

@@ -20,8 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import grad_norm
 
 log = logging.getLogger("lingmao.progress")
 
@@ -45,6 +43,16 @@ def precision_dtype(precision: str, matmul_precision: str | None = None) -> torc
     if dtype == "tfloat32" and torch.get_float32_matmul_precision() == "highest":
         return torch.float32
     return dtype
+
+
+def total_grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
+    """The 2-norm of all gradients of `module` together (None before any); under FSDP, of the whole gradients,
+    not of this rank's shards (a DTensor's norm is computed across its ranks)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 class TrainingMonitor(L.Callback):
@@ -144,10 +152,8 @@ class TrainingMonitor(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if not logs_this_step(trainer):
             return
-        total = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
+        total = total_grad_norm(pl_module)
         if total is not None:
-            if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: add up the squares
-                total = trainer.strategy.reduce(total.to(trainer.strategy.root_device) ** 2, reduce_op="sum") ** 0.5
             pl_module.log("grad_norm", total, on_step=True, on_epoch=False)
         # The rates this very step uses, in its own row. (Lightning's LearningRateMonitor reads them in
         # on_train_batch_start, before the module's hook of that name sets them, and labels its rows apart.)
