@@ -66,7 +66,7 @@ class OptimConfig:
     min_lr_ratio: float = number(0.1, ge=0, le=1)  # the cosine floor, as a fraction of the peak
     max_grad_norm: float | None = number(1.0, gt=0)  # gradient clipping over all groups (null = off)
     accumulation_steps: int = number(1, ge=1)  # batches per optimizer step
-    fused: bool | None = None  # fused AdamW kernel on CUDA (null = torch's choice)
+    fused: bool | None = None  # fused AdamW kernel on CUDA (null = torch's choice; fused with model.compile=true)
     muon: MuonConfig = field(default_factory=MuonConfig)
 
     def __post_init__(self) -> None:
@@ -193,15 +193,15 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 def orthogonalize_whole(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """`orthogonalize` of the whole matrix, also when `g` holds only this rank's rows of it (an FSDP2 `DTensor`):
-    every rank gathers the matrix, orthogonalizes it and keeps its own rows of the result, which are those a
-    single process computes. Costs one all-gather of each matrix per step."""
+                        dtype: torch.dtype, fn: Callable[..., torch.Tensor] = orthogonalize) -> torch.Tensor:
+    """`orthogonalize` (or `fn`, its compiled form) of the whole matrix, also when `g` holds only this rank's rows
+    of it (an FSDP2 `DTensor`): every rank gathers the matrix, orthogonalizes it and keeps its own rows of the
+    result, which are those a single process computes. Costs one all-gather of each matrix per step."""
     if not is_dtensor(g):
-        return orthogonalize(g, steps, coefficients, eps, dtype)
+        return fn(g, steps, coefficients, eps, dtype)
     from torch.distributed.tensor import distribute_tensor
 
-    whole = orthogonalize(g.full_tensor(), steps, coefficients, eps, dtype)
+    whole = fn(g.full_tensor(), steps, coefficients, eps, dtype)
     return distribute_tensor(whole, g.device_mesh, g.placements, src_data_rank=None)
 
 
@@ -224,16 +224,19 @@ class Muon(torch.optim.Muon):
     (`orthogonalize_whole`; on CUDA in bfloat16, as torch does).
     """
 
-    def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+    def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, compile: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        # compile=True: the Newton-Schulz iteration compiled (one graph per matrix shape), in the step below
+        self._orthogonalize = torch.compile(orthogonalize, dynamic=False) if compile else orthogonalize
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         params = [p for group in self.param_groups for p in group["params"]]
         cuda = bool(params) and params[0].is_cuda
         sharded = any(is_dtensor(p) for p in params)
-        if self.ns_dtype is None and cuda and not sharded:
+        if self.ns_dtype is None and cuda and not sharded and self._orthogonalize is orthogonalize:
             return super().step(closure)
         ns_dtype = self.ns_dtype or (torch.bfloat16 if cuda else torch.float32)
         loss = None
@@ -252,16 +255,18 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 update = orthogonalize_whole(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                             ns_dtype)
+                                             ns_dtype, self._orthogonalize)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-muon_lr(group["lr"], group["adjust_lr_fn"], p.shape))
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, compile: bool = False) -> torch.optim.Optimizer:
     """AdamW, or Muon + AdamW as one `MultiOptimizer`; each group is named ("decay", "no_decay", "muon").
 
     The AdamW groups come first, so `param_groups[0]["lr"]` is AdamW's learning rate in both cases.
+    `compile=True` (model.compile): the update in as few kernels as the device allows: AdamW fused on CUDA
+    (unless `optim.fused` says otherwise), Muon's Newton-Schulz iteration compiled.
     """
     split = split_parameters(model.named_parameters(), muon=cfg.name == "muon")
     groups = [
@@ -269,16 +274,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         for name, params, wd in (("decay", split.decay, cfg.weight_decay), ("no_decay", split.no_decay, 0.0))
         if params
     ]
+    fused = cfg.fused if cfg.fused is not None or not compile else True
     adamw = torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-        fused=cfg.fused if torch.cuda.is_available() else None,
+        fused=fused if torch.cuda.is_available() else None,
     )
     if cfg.name == "adamw":
         return adamw
     m = cfg.muon
     muon = Muon(
         [{"params": split.hidden, "name": "muon"}], lr=m.lr, weight_decay=m.weight_decay, momentum=m.momentum,
-        nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr,
+        nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr, compile=compile,
     )
     return MultiOptimizer([adamw, muon])
 
