@@ -108,7 +108,7 @@ class FSDP(ModelParallelStrategy):
         """A sharded checkpoint (a directory) is written beside its place and renamed into it, so a kill at any
         moment leaves the previous checkpoint whole; a full one is one file written atomically by rank 0."""
         path = Path(self.broadcast(str(filepath)))
-        if not self._save_distributed_checkpoint and not path.is_dir():
+        if self.config.state_dict_type != "sharded" and not path.is_dir():
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         progress = checkpoint_progress(checkpoint)

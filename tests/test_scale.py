@@ -415,6 +415,7 @@ def test_fsdp_trains_stops_resumes_on_any_world_size_and_exports(small_corpus, t
     # Resumed again: it finishes with the uninterrupted run's weights, exactly.
     third = run_module("lingmao.train", *base, *FSDP, "run_name=stopped", cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
+    assert "resuming from" in third.stdout  # not a fresh start that happens to train the same 8 steps
     assert largest_difference(weights(runs / "stopped"), weights(runs / "whole")) == 0.0
 
     # One process, the same 16 windows a step: the same weights but for the order of float32 sums.
