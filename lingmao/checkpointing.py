@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lingmao.compat import batches_completed
 from lingmao.data.tokenizer import tokenizer_fingerprint
 from lingmao.errors import LingmaoError
-from lingmao.io import atomic_write
+from lingmao.io import atomic_write, fsync_dir
 from lingmao.runs import check_same_settings, config_of_checkpoint, differences
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,16 @@ AFRESH = "to start afresh instead, add auto_resume=false (or choose another run_
 # Files
 # ----------------------------------------------------------------------------------------------
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be a checkpoint written by torch.save (a zip archive), or None. Reads only its index."""
+    """Why `path` cannot be a checkpoint, or None: a file written by torch.save (a zip archive), or a sharded
+    checkpoint (a directory, `sharded_checkpoint_problem`). Reads only indexes."""
     if not path.exists():
         return f"{path}: checkpoint not found"
     if path.is_dir():
-        return f"{path}: is a directory, expected a .ckpt file"
+        return sharded_checkpoint_problem(path)
+    return _archive_problem(path)
+
+
+def _archive_problem(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -66,29 +73,43 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", tensors: bool = True) -> dict[str, Any]:
     """`torch.load` with `weights_only=True`: tensors, numbers, strings and containers only, never code.
 
-    Anything else (a pickled object whose loading would call a function) is refused with one line.
+    Anything else (a pickled object whose loading would call a function) is refused with one line. A sharded
+    checkpoint (a directory) is read whole into the same form (`load_sharded_checkpoint`); with
+    `tensors=False` its `state_dict` holds tensors of the right shapes without their data.
     """
     path = Path(path)
     problem = checkpoint_problem(path)
     if problem:
         raise LingmaoError(problem)
+    if path.is_dir():
+        return load_sharded_checkpoint(path, tensors)
+    return _load_archive(path, map_location)
+
+
+def _load_archive(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    ckpt = _safe_load(path, map_location)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise LingmaoError(f"{path}: not a training checkpoint (no state_dict)")
+    return ckpt
+
+
+def _safe_load(path: Path, map_location: Any = "cpu", report_as: Path | None = None) -> Any:
+    """`torch.load(weights_only=True)` of one file; errors name `report_as` (default: `path`)."""
+    shown = report_as or path
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in str(
             exc) else "objects other than tensors and plain data"
         raise LingmaoError(
-            f"{path}: refused to load: the checkpoint holds {detail}, which could run code when unpickled; "
+            f"{shown}: refused to load: the checkpoint holds {detail}, which could run code when unpickled; "
             "lingmao loads only checkpoints of tensors and plain data"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise LingmaoError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise LingmaoError(f"{path}: not a training checkpoint (no state_dict)")
-    return ckpt
+        raise LingmaoError(f"{shown}: cannot read the checkpoint ({str(exc).splitlines()[0]})") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -121,15 +142,115 @@ def checkpoint_progress(checkpoint: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def remove_stale_temporaries(directory: str | Path) -> int:
-    """Delete the temporary files a killed save left in `directory` (names as `lingmao.io.atomic_write` makes)."""
+    """Delete the temporary files a killed save left in `directory` (names as `lingmao.io.atomic_write` makes),
+    and the staging folders of sharded checkpoints (`staging_path`)."""
     removed = 0
     for tmp in Path(directory).glob(".*.ckpt.*.tmp"):
         try:
-            tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed += 1
         except OSError:
             pass
     return removed
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints (directories)
+# ----------------------------------------------------------------------------------------------
+# A sharded checkpoint (hardware=fsdp with hardware.fsdp.state_dict_type=sharded) is a directory: one file of
+# shards per rank and `.metadata` (torch.distributed.checkpoint), and `meta.pt`, everything else (loops,
+# callbacks, hyperparameters) as torch.save wrote it (Lightning's layout).
+SHARDED_META, SHARDED_INDEX = "meta.pt", ".metadata"
+
+
+def sharded_checkpoint_problem(path: Path) -> str | None:
+    """Why directory `path` is not a sharded checkpoint, or None."""
+    missing = [name for name in (SHARDED_META, SHARDED_INDEX) if not (path / name).is_file()]
+    if missing:
+        return f"{path}: is a directory but not a sharded checkpoint (no {' or '.join(missing)})"
+    problem = _archive_problem(path / SHARDED_META)
+    return problem and f"{path}: damaged sharded checkpoint ({problem})"
+
+
+def load_sharded_checkpoint(path: Path, tensors: bool = True) -> dict[str, Any]:
+    """A sharded checkpoint as one dictionary, in the layout of a checkpoint file: `state_dict` (whole tensors),
+    `optimizer_states` (keyed by parameter name, which `Optimizer.load_state_dict` maps through the groups),
+    and the rest from `meta.pt`. With `tensors=False`, `state_dict` holds shapes only (tensors on the meta
+    device) and nothing else is read from the shards. In one process, without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = _safe_load(path / SHARDED_META, report_as=path)
+    if not isinstance(ckpt, dict):
+        raise LingmaoError(f"{path}: not a training checkpoint ({SHARDED_META} holds no dictionary)")
+    if not tensors:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        ckpt["state_dict"] = {
+            ".".join(map(str, key[1:])): torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+            for flat, meta in metadata.state_dict_metadata.items()
+            if (key := metadata.planner_data.get(flat, (flat,)))[0] == "state_dict" and hasattr(meta, "size")
+        }
+        return ckpt
+    fd, whole = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        dcp_to_torch_save(path, whole)
+        shards = _safe_load(Path(whole), report_as=path)
+    except LingmaoError:
+        raise
+    except Exception as exc:  # torch.distributed.checkpoint's own errors: a damaged or partial directory
+        raise LingmaoError(f"{path}: cannot read the sharded checkpoint ({str(exc).splitlines()[0]})") from None
+    finally:
+        Path(whole).unlink(missing_ok=True)
+    ckpt["state_dict"] = shards.pop("state_dict", {})
+    ckpt["optimizer_states"] = [shards[key] for key in sorted(shards, key=_optimizer_index)
+                                if key.startswith("optimizer_")]
+    return ckpt
+
+
+def _optimizer_index(key: str) -> int:
+    tail = key.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def staging_path(path: Path, token: str) -> Path:
+    """Where a checkpoint for `path` is written before it is renamed into place (`remove_stale_temporaries`
+    deletes those a kill left behind)."""
+    return path.with_name(f".{path.name}.{token}.tmp")
+
+
+def replace_checkpoint(staging: Path, path: Path) -> None:
+    """Move the complete checkpoint `staging` (a file or a directory) to `path`, replacing what is there.
+
+    A directory cannot be renamed over another, so the old one is first renamed aside (`.<name>.<token>.old`);
+    a kill between the two renames leaves it there, and `recover_checkpoint` puts it back.
+    """
+    if path.is_dir() or (staging.is_dir() and path.exists()):
+        aside = path.with_name(f".{path.name}.{staging.name.split('.')[-2]}.old")
+        os.rename(path, aside)
+        os.rename(staging, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+    else:
+        os.replace(staging, path)
+        fsync_dir(path.parent)
+
+
+def recover_checkpoint(path: Path) -> None:
+    """Put back the previous checkpoint that `replace_checkpoint` renamed aside when it was killed before the new
+    one took its place. Harmless when another process does it at the same moment."""
+    if path.exists():
+        return
+    for aside in sorted(path.parent.glob(f".{path.name}.*.old")):
+        try:
+            os.rename(aside, path)
+            log.warning("%s: put back the checkpoint a killed save had renamed to %s", path, aside.name)
+            return
+        except OSError:
+            continue
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +267,7 @@ class TrainingInterrupted(BaseException):
         self.signum = signum
         self.checkpoint = checkpoint
         self.step = step
+        self.after_pid: int | None = None  # exit only once this process (the launching rank 0) has exited
         super().__init__(self.message())
 
     @property
@@ -223,9 +345,10 @@ def find_resume_checkpoint(resume_from: str | None, auto_resume: bool, checkpoin
     `newest_good_checkpoint`), else None (a fresh start)."""
     if resume_from:
         path = Path(resume_from)
-        if not path.is_file():
+        if not path.exists():
             raise LingmaoError(f"resume_from: checkpoint {path} not found")
         return path
+    recover_checkpoint(checkpoint_dir / LAST)  # a sharded last.ckpt a killed save had set aside
     candidates = resume_candidates(checkpoint_dir)
     if auto_resume and candidates:
         return newest_good_checkpoint(candidates)
@@ -243,9 +366,10 @@ def resume_candidates(checkpoint_dir: Path) -> list[Path]:
 
 
 def resume_problem(path: Path) -> str | None:
-    """Why checkpoint `path` cannot be resumed from (missing, damaged, not a training checkpoint), or None."""
+    """Why checkpoint `path` cannot be resumed from (missing, damaged, not a training checkpoint), or None. A
+    sharded checkpoint (a directory) is judged by its index and metadata, without reading its shards."""
     try:
-        load_checkpoint_file(path)
+        load_checkpoint_file(path, tensors=False)
     except LingmaoError as exc:
         return str(exc)
     return None
@@ -291,7 +415,7 @@ def check_resume_compatible(
     """
     path = Path(path)
     try:
-        ckpt = load_checkpoint_file(path)
+        ckpt = load_checkpoint_file(path, tensors=False)
     except LingmaoError as exc:
         raise LingmaoError(f"{exc}; {AFRESH}") from None
     diffs: list[str] = []
@@ -324,13 +448,14 @@ def check_resume_compatible(
         shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs) - 12} more)" if len(diffs) > 12 else "")
         raise LingmaoError(f"{path} does not match this run: {shown}. Use the checkpoint's settings, or {AFRESH}")
     return {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), "hyper_parameters": hp,
-            "config": config_of_checkpoint(ckpt)}
+            "config": config_of_checkpoint(ckpt), "world_size": (ckpt.get(META_KEY) or {}).get("world_size")}
 
 
-def resume_point(conf: Any, run_dir: Path, lm: Any, tokenizer: Any) -> Path | None:
+def resume_point(conf: Any, run_dir: Path, lm: Any, tokenizer: Any, world_size: int | None = None) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), checked against the model about to be
     trained and against the run's training config (`lingmao.runs`; `lm.training_config`); says in one line how
-    the learning-rate schedule differs from the checkpoint's run."""
+    the learning-rate schedule differs from the checkpoint's run, and how the batches change when `world_size`
+    (this run's processes) is not the checkpoint's."""
 
     path = find_resume_checkpoint(conf.resume_from, conf.auto_resume, run_dir / "checkpoints")
     if path is None:
@@ -342,11 +467,23 @@ def resume_point(conf: Any, run_dir: Path, lm: Any, tokenizer: Any) -> Path | No
     if lm.training_config is not None:
         check_same_settings(path, at["config"], lm.training_config, conf.resume_changed == "accept")
     log.info("resuming from %s: epoch %s, step %s", path, at["epoch"], at["global_step"])
+    if world_size and at["world_size"] and at["world_size"] != world_size:
+        log.info(world_size_change(at["world_size"], world_size))
     changes = schedule_changes(at["hyper_parameters"], dict(lm.hparams))
     if changes:
         log.info("the learning-rate schedule follows this run's settings from step %s on: %s",
                  at["global_step"], "; ".join(changes))
     return path
+
+
+def world_size_change(before: int, now: int) -> str:
+    """What resuming on another number of processes does to the batches (docs/hardware.md)."""
+    return (
+        f"the checkpoint was written by {before} process{'es' if before > 1 else ''}, this run has {now}: the rest of "
+        f"the epoch's order is dealt to {now} (each window once); each optimizer step now takes {now} x "
+        "data.batch_size windows, so the batches (and the weights) differ from a run that kept "
+        f"{before} process{'es' if before > 1 else ''}"
+    )
 
 
 def schedule_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,20 +33,14 @@ _KEPT_HYDRA_OVERRIDES = ("hydra.job.chdir", "hydra.job.env_set", "hydra.job.conf
 def build_strategy(hw: HardwareConfig, block_types: set[type] | None = None) -> Any:
     """`hardware.strategy` as Lightning takes it: a name, or a configured DDP / FSDP strategy object.
 
-    `block_types`: the model's Transformer block classes; FSDP wraps one unit per block."""
+    `block_types`: the model's Transformer block classes; FSDP shards one unit per block (lingmao/fsdp.py)."""
     if hw.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lingmao.fsdp import FSDP, processes_per_node
+        from lingmao.hardware import resolve_accelerator
 
-        opts = hw.fsdp or FSDPConfig()
-        blocks = block_types or set()
-        return FSDPStrategy(
-            auto_wrap_policy=blocks,
-            activation_checkpointing_policy=blocks if opts.activation_checkpointing else None,
-            sharding_strategy=opts.sharding_strategy,
-            cpu_offload=opts.cpu_offload,
-            state_dict_type=opts.state_dict_type,
-            limit_all_gathers=True,
-        )
+        backend = hw.ddp.process_group_backend if hw.ddp is not None else None
+        return FSDP(hw.fsdp or FSDPConfig(), block_types or set(),
+                    processes_per_node(hw.devices, resolve_accelerator(hw.accelerator)), hw.num_nodes, backend)
     if hw.strategy == "ddp" and hw.ddp is not None:
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -121,3 +116,13 @@ def _end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def outlive(pid: int | None, seconds: float = 60.0) -> None:
+    """Wait (at most `seconds`) until process `pid`, this process's parent, has exited (see
+    `lingmao.callbacks.fault_tolerance.interrupted`)."""
+    if not pid:
+        return
+    deadline = time.monotonic() + seconds
+    while os.getppid() == pid and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -20,7 +20,7 @@ PRECISIONS = (
     "auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64",
     "transformer-engine", "transformer-engine-float16", 16, 32, 64,
 )
-FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 
 
 @dataclass
@@ -36,15 +36,17 @@ class DDPConfig:
 
 @dataclass
 class FSDPConfig:
-    """Lightning's FSDPStrategy: one unit per Transformer block."""
+    """FSDP2 (`fully_shard`) through Lightning's ModelParallelStrategy: one unit per Transformer block
+    (lingmao/fsdp.py)."""
 
     KEY: ClassVar[str] = "hardware.fsdp"
     # FULL_SHARD | SHARD_GRAD_OP (parameters whole between forward and backward) | HYBRID_SHARD (shard within a
-    # machine, replicate across machines) | NO_SHARD (plain DDP)
+    # machine, replicate across machines)
     sharding_strategy: str = choice("FULL_SHARD", *FSDP_SHARDING)
     activation_checkpointing: bool = True  # recompute activations in backward: less memory, ~1/3 more compute
-    cpu_offload: bool = False  # keep parameters in CPU memory between uses (slow; for the very largest models)
-    # full: one file that resumes on any number of GPUs; sharded: per-rank files, resumed on the same number of GPUs
+    cpu_offload: bool = False  # GPUs: keep parameters in CPU memory between uses (slow; the very largest models)
+    # full: one file, written by rank 0; sharded: a directory of one file per rank, written in parallel.
+    # Both resume on any number of processes.
     state_dict_type: str = choice("full", "full", "sharded")
 
     def __post_init__(self) -> None:

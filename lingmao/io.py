@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -155,3 +156,23 @@ def read_text_file(path: str | Path) -> str:
     except OSError as exc:
         raise LingmaoError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     return decode_utf8(data, str(path))
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on file `path` (created if missing, never deleted) while the block runs: processes
+    that prepare the same files (the ranks of a multi-process run, on one machine or on a shared file system that
+    supports locks) take turns, and the later ones find the work done. No lock where `fcntl` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

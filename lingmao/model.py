@@ -57,7 +57,7 @@ class ModelConfig:
     activation: str | None = choice(None, "relu2", "swiglu", "gelu", "relu")  # null: relu2 (gpt), gelu (design)
     rope_base: float = number(10000.0, gt=0)  # gpt only: base of the rotary frequencies
     qk_norm: bool = True  # gpt only: RMSNorm on queries and keys
-    compile: bool = False  # torch.compile the model's forward for training
+    compile: bool = False  # torch.compile the training step: forward + loss (+ backward), and the optimizer's update
 
     def __post_init__(self) -> None:
         check_fields(self)

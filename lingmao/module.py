@@ -54,14 +54,31 @@ class LingmaoLM(L.LightningModule):
         self.batches_trained = 0  # by this process
         self.val_tokens_per_char: float | None = None  # of the validation set, for val/bpc
         self.last_val_step = -1  # the optimizer step of the latest validation in this process
-        # A compiled *function*, not a wrapped module: state_dict keys stay the same with compile on or off.
-        self._compiled_forward = torch.compile(self.model.forward) if self.model_config.compile else None
+        # Compiled *functions*, not a wrapped module: state_dict keys stay the same with compile on or off. A
+        # training step compiles whole: the forward pass and the loss in one graph (so the float32 logits of the
+        # loss need not be written out, and the backward pass is compiled with them), and the optimizer's update
+        # (`build_optimizer(..., compile=True)`).
+        compiled = self.model_config.compile
+        self._compiled_forward = torch.compile(self._model_forward) if compiled else None
+        self._compiled_loss = torch.compile(self._forward_loss) if compiled else None
         self._schedules: list[tuple[float, int, float]] = []  # per parameter group: peak lr, warm-up, floor
+
+    def configure_model(self) -> None:
+        """Under hardware=fsdp, shard the model (lingmao/fsdp.py); other strategies take it as it is."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if callable(shard):
+            shard(self.model)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self._compiled_forward is not None:
             return self._compiled_forward(idx)
         return self.model(idx)
+
+    def _model_forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)  # through the module's call, so that FSDP's hooks run
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model(x), y)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -70,7 +87,7 @@ class LingmaoLM(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss(self(x), y)
+        loss = self._compiled_loss(x, y) if self._compiled_loss is not None else self._forward_loss(x, y)
         if logs_this_step(self.trainer):
             self.log("train/loss", loss)  # not prog_bar: that would copy it to the host every step
             self.log_position(self.trainer.global_step + 1)
@@ -104,7 +121,7 @@ class LingmaoLM(L.LightningModule):
 
     # -- optimizer and schedule ----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = build_optimizer(self.model, self.optim_config)
+        optimizer = build_optimizer(self.model, self.optim_config, compile=self.model_config.compile)
         self._schedules = [group_schedule(self.optim_config, group) for group in optimizer.param_groups]
         return optimizer
 

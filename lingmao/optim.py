@@ -29,8 +29,9 @@ from lingmao.compat import muon_lr, orthogonalize  # copies of torch's private M
 from lingmao.errors import LingmaoError
 
 OPTIMIZERS = ("adamw", "muon")
-# Strategies that hand the optimizer flat shards of the parameters instead of whole matrices.
-SHARDING_STRATEGIES = ("fsdp", "deepspeed")
+# Strategies that hand the optimizer flat shards of the parameters instead of whole matrices. (hardware=fsdp
+# is FSDP2, whose parameters keep their shapes: Muon gathers each matrix, see `orthogonalize_whole`.)
+SHARDING_STRATEGIES = ("deepspeed",)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class OptimConfig:
     min_lr_ratio: float = number(0.1, ge=0, le=1)  # the cosine floor, as a fraction of the peak
     max_grad_norm: float | None = number(1.0, gt=0)  # gradient clipping over all groups (null = off)
     accumulation_steps: int = number(1, ge=1)  # batches per optimizer step
-    fused: bool | None = None  # fused AdamW kernel on CUDA (null = torch's choice)
+    fused: bool | None = None  # fused AdamW kernel on CUDA (null = torch's choice; fused with model.compile=true)
     muon: MuonConfig = field(default_factory=MuonConfig)
 
     def __post_init__(self) -> None:
@@ -78,11 +79,12 @@ class OptimConfig:
 
 
 def check_strategy(cfg: OptimConfig, strategy: str) -> None:
-    """Muon orthogonalises whole 2-D matrices; a sharding strategy gives it flat 1-D pieces of them."""
+    """Muon orthogonalises whole 2-D matrices; a sharding strategy other than hardware=fsdp gives it flat 1-D
+    pieces of them."""
     if cfg.name == "muon" and any(s in str(strategy).lower() for s in SHARDING_STRATEGIES):
         raise LingmaoError(
             f"optim.name=muon does not work with hardware.strategy={strategy}: it shards the weight matrices into "
-            "flat 1-D pieces and Muon needs whole matrices; use optim=adamw, or strategy ddp"
+            "flat 1-D pieces and Muon needs whole matrices; use hardware=fsdp, optim=adamw, or strategy ddp"
         )
 
 
@@ -166,6 +168,28 @@ class MultiOptimizer(torch.optim.Optimizer):
         self._share()
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a `DTensor` (a parameter sharded by FSDP2)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def orthogonalize_whole(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                        dtype: torch.dtype, fn: Callable[..., torch.Tensor] = orthogonalize) -> torch.Tensor:
+    """`orthogonalize` (or `fn`, its compiled form) of the whole matrix, also when `g` holds only this rank's rows
+    of it (an FSDP2 `DTensor`): every rank gathers the matrix, orthogonalizes it and keeps its own rows of the
+    result, which are those a single process computes. Costs one all-gather of each matrix per step."""
+    if not is_dtensor(g):
+        return fn(g, steps, coefficients, eps, dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = fn(g.full_tensor(), steps, coefficients, eps, dtype)
+    return distribute_tensor(whole, g.device_mesh, g.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon`, with the Newton-Schulz iteration in `ns_dtype` (torch's private step functions,
     copied in `lingmao.compat`).
@@ -174,18 +198,25 @@ class Muon(torch.optim.Muon):
     several times slower than float32 (on a 2-core AVX2 machine: 2.2 against 13.8 GFLOP/s, and 15.8 s for
     one step of model=small's hidden matrices against 0.54 s in float32). `ns_dtype=None` keeps torch's own
     step on CUDA and uses float32 elsewhere. The update and the state (`momentum_buffer`) are torch's, so
-    checkpoints are interchangeable.
+    checkpoints are interchangeable. Parameters sharded by FSDP2 are orthogonalized whole
+    (`orthogonalize_whole`; on CUDA in bfloat16, as torch does).
     """
 
-    def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+    def __init__(self, params: Any, ns_dtype: torch.dtype | None = None, compile: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        # compile=True: the Newton-Schulz iteration compiled (one graph per matrix shape), in the step below
+        self._orthogonalize = torch.compile(orthogonalize, dynamic=False) if compile else orthogonalize
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         params = [p for group in self.param_groups for p in group["params"]]
-        if self.ns_dtype is None and params and params[0].is_cuda:
+        cuda = bool(params) and params[0].is_cuda
+        sharded = any(is_dtensor(p) for p in params)
+        if self.ns_dtype is None and cuda and not sharded and self._orthogonalize is orthogonalize:
             return super().step(closure)
+        ns_dtype = self.ns_dtype or (torch.bfloat16 if cuda else torch.float32)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -201,17 +232,19 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       self.ns_dtype or torch.float32)
+                update = orthogonalize_whole(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                             ns_dtype, self._orthogonalize)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-muon_lr(group["lr"], group["adjust_lr_fn"], p.shape))
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, compile: bool = False) -> torch.optim.Optimizer:
     """AdamW, or Muon + AdamW as one `MultiOptimizer`; each group is named ("decay", "no_decay", "muon").
 
     The AdamW groups come first, so `param_groups[0]["lr"]` is AdamW's learning rate in both cases.
+    `compile=True` (model.compile): the update in as few kernels as the device allows: AdamW fused on CUDA
+    (unless `optim.fused` says otherwise), Muon's Newton-Schulz iteration compiled.
     """
     split = split_parameters(model.named_parameters(), muon=cfg.name == "muon")
     groups = [
@@ -219,16 +252,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         for name, params, wd in (("decay", split.decay, cfg.weight_decay), ("no_decay", split.no_decay, 0.0))
         if params
     ]
+    fused = cfg.fused if cfg.fused is not None or not compile else True
     adamw = torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-        fused=cfg.fused if torch.cuda.is_available() else None,
+        fused=fused if torch.cuda.is_available() else None,
     )
     if cfg.name == "adamw":
         return adamw
     m = cfg.muon
     muon = Muon(
         [{"params": split.hidden, "name": "muon"}], lr=m.lr, weight_decay=m.weight_decay, momentum=m.momentum,
-        nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr,
+        nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr, compile=compile,
     )
     return MultiOptimizer([adamw, muon])
 

@@ -139,7 +139,7 @@ def run_summary(
 def log_summary(trainer: L.Trainer, checkpoint: Path | None = None, export: Path | None = None,
                 test: TestResult | None = None) -> None:
     """Print the end-of-run table."""
-    log.info("\n%s", run_summary(trainer, checkpoint if checkpoint and checkpoint.is_file() else None, export, test))
+    log.info("\n%s", run_summary(trainer, checkpoint if checkpoint and checkpoint.exists() else None, export, test))
     if test is not None and test.worse_than_unigram:
         log.warning(
             "the trained model (test perplexity %.1f) is no better than a model that knows only character "

@@ -178,6 +178,7 @@ class RunFolder:
             except OSError:
                 pass
 
+
 def record(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> None:
     """Save the composed config (`config.yaml`) and the training config with its hash (`training_config.json`)
     in the run folder: called once the run is sure to train (after the resume checks), on global rank 0."""

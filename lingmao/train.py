@@ -22,6 +22,7 @@ from lingmao.data import LMDataModule
 from lingmao.errors import exit_on_user_error
 from lingmao.evaluate import test_result
 from lingmao.export import export_model
+from lingmao.fsdp import full_model
 from lingmao.hardware import configure_process, resolve_accelerator, resolve_precision
 from lingmao.loggers import build_loggers
 from lingmao.module import LingmaoLM
@@ -96,7 +97,7 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
            "enable_progress_bar": any(isinstance(c, ProgressBar) for c in callbacks),
            "limit_val_batches": conf.trainer.limit_val_batches if dm.has_val else 0},
     )
-    ckpt_path = resume_point(conf, run_dir, lm, tokenizer)
+    ckpt_path = resume_point(conf, run_dir, lm, tokenizer, trainer.world_size)
     runs.record(cfg, run_dir, lm.training_config)
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
@@ -111,14 +112,15 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
                          checkpoint=run_dir / "checkpoints" / "last.ckpt")
     if conf.run_test and dm.has_test:
         result.test = test_result(trainer, lm, dm)
+    model = full_model(lm.model) if conf.export or conf.show_samples else None  # whole weights (on rank 0)
     if conf.export and trainer.is_global_zero:
         result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
         lines = LineSet.from_files(dm.files("train"), dm.source)  # what generation must not copy
-        export_model(result.export_dir, lm.model, tokenizer, conf.model, dataclasses.asdict(conf.data), lines=lines)
+        export_model(result.export_dir, model, tokenizer, conf.model, dataclasses.asdict(conf.data), lines=lines)
         log.info("exported the model to %s", result.export_dir)
     report.log_summary(trainer, result.checkpoint, result.export_dir, result.test)
     if conf.show_samples and trainer.is_global_zero:
-        report.log_samples(lm.model, tokenizer, dataclasses.asdict(conf.data), conf.seed)
+        report.log_samples(model, tokenizer, dataclasses.asdict(conf.data), conf.seed)
     if trainer.is_global_zero:
         sweep.mark_finished(run_dir, cfg, result.best_val_loss, result.last_val_loss, trainer.global_step)
     return result
@@ -132,6 +134,7 @@ def main(cfg: DictConfig) -> float | None:
             result = train(cfg)
     except TrainingInterrupted as exc:  # exit 130 (SIGINT) / 143 (SIGTERM): never read as a finished run
         print(exc.message(), file=sys.stderr)
+        distributed.outlive(exc.after_pid)
         sys.exit(exc.exit_code)
     return result.best_val_loss if result.best_val_loss is not None else result.last_val_loss
 

@@ -19,7 +19,8 @@ from tests.conftest import tiny_overrides
 
 
 def fake_trainer(device: str, global_step: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_step=global_step)
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_step=global_step,
+                           world_size=1)
 
 
 @pytest.fixture
@@ -186,7 +187,8 @@ def test_thread_tuner_keeps_the_fastest_count_and_measures_again(monkeypatch):
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(threads.time, "sleep", lambda s: None)
     tuner = threads.ThreadTuner(fixed=None, steps_per_trial=3, recheck_minutes=1)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[])
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[],
+                              world_size=1)
     tuner.setup(trainer, None, "fit")
     tuner.on_train_start(trainer, None)
 
@@ -219,7 +221,8 @@ def test_thread_tuner_tries_the_free_cores_first_and_gives_up_on_a_slow_count(mo
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(threads.time, "sleep", lambda s: None)
     tuner = threads.ThreadTuner(fixed=None, steps_per_trial=3, recheck_minutes=10, give_up_factor=1.5)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[])
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_step=0, callbacks=[],
+                              world_size=1)
     tuner.setup(trainer, None, "fit")
     tuner.on_train_start(trainer, None)
     ran: list[int] = []
@@ -282,3 +285,21 @@ def test_every_default_callback_can_be_removed(name, small_corpus, tmp_path):
     assert result.global_step == 4 and result.last_val_loss is not None and result.test is not None
     assert (result.export_dir / "model.safetensors").is_file()
     assert (result.run_dir / "finished.json").is_file()
+
+
+def test_thread_tuner_takes_rank_zeros_count_with_several_processes(monkeypatch):
+    """Several processes: no tuning, and every rank sets the count rank 0 broadcasts (hardware.cpu_threads when
+    set, whatever the launcher chose meanwhile)."""
+    from lingmao.callbacks.threads import ThreadTuner
+
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n))
+    sent: list[int] = []
+    rank0 = SimpleNamespace(root_device=torch.device("cpu"), broadcast=lambda value, src: sent.append(value) or 3)
+    trainer = SimpleNamespace(strategy=rank0, world_size=2, is_global_zero=False, global_step=0, callbacks=[])
+    tuner = ThreadTuner(fixed=None)
+    tuner.setup(trainer, None, "fit")
+    assert not tuner.active and set_to == [3] and tuner.chosen == 3 and sent == [torch.get_num_threads()]
+    fixed = ThreadTuner(fixed=2)
+    fixed.setup(trainer, None, "fit")
+    assert not fixed.active and set_to == [3, 2]

@@ -147,7 +147,7 @@ def test_hydra_settings_for_sweeps(hydra_conf):
 
 
 def test_strategies_are_built_from_the_hardware_group(hydra_conf):
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     def hardware(*overrides: str) -> HardwareConfig:
         return OmegaConf.to_object(composed(*overrides).hardware)
@@ -156,11 +156,13 @@ def test_strategies_are_built_from_the_hardware_group(hydra_conf):
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["find_unused_parameters"] is False
     assert build_strategy(hardware("hardware=ddp_spawn")) == "ddp_spawn"
     assert build_strategy(hardware("hardware=cpu")) == "auto"
-    fsdp_cfg = dataclasses.replace(hardware("hardware=ddp"), strategy="fsdp", fsdp=FSDPConfig())
-    fsdp = build_strategy(fsdp_cfg, {torch.nn.Linear})
-    assert isinstance(fsdp, FSDPStrategy) and fsdp._activation_checkpointing_kwargs
-    plain = build_strategy(dataclasses.replace(fsdp_cfg, fsdp=FSDPConfig(activation_checkpointing=False)))
-    assert not plain._activation_checkpointing_kwargs
+    fsdp_cfg = dataclasses.replace(hardware("hardware=fsdp", "hardware.accelerator=cpu"), devices=2, num_nodes=3)
+    fsdp = build_strategy(fsdp_cfg, {torch.nn.Linear})  # FSDP2 through Lightning (lingmao/fsdp.py)
+    assert isinstance(fsdp, ModelParallelStrategy) and fsdp.block_types == (torch.nn.Linear,)
+    assert fsdp.config == FSDPConfig() and fsdp.config.activation_checkpointing
+    assert (fsdp._data_parallel_size, fsdp._tensor_parallel_size) == (6, 1)  # one mesh dimension of all ranks
+    hybrid = build_strategy(dataclasses.replace(fsdp_cfg, fsdp=FSDPConfig(sharding_strategy="HYBRID_SHARD")))
+    assert (hybrid._data_parallel_size, hybrid._tensor_parallel_size) == (3, 2)  # machines x processes
     with pytest.raises(LingmaoError, match="sharding_strategy='HALF'"):
         FSDPConfig(sharding_strategy="HALF")
 

@@ -248,6 +248,30 @@ def test_torch_compile_captures_the_whole_forward():
     assert model.blocks[0].attn.q.weight.grad is not None
 
 
+@pytest.mark.slow  # two captures by dynamo: seconds
+def test_a_compiled_training_step_is_one_graph_of_forward_and_loss():
+    """model.compile=true compiles the forward pass and the loss together, and the optimizer's update: the
+    forward-and-loss function is captured without a graph break, and the Newton-Schulz iteration of Muon too
+    (the eager backend again; the GPU script's dry run builds them with inductor)."""
+    from lingmao.module import LingmaoLM
+    from lingmao.optim import Muon, orthogonalize
+
+    torch.manual_seed(0)
+    config = {"arch": "gpt", "d_model": 16, "nhead": 2, "num_layers": 1, "dim_feedforward": 32, "compile": True}
+    lm = LingmaoLM(config, {"name": "muon"}, VOCAB)
+    assert lm._compiled_loss is not None and lm._compiled_forward is not None
+    x, y = torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12))
+    loss = torch.compile(lm._forward_loss, backend="eager", fullgraph=True)(x, y)
+    assert torch.allclose(loss, lm.loss(lm.model(x), y), atol=1e-6)
+    opt = lm.configure_optimizers()
+    muon = next(o for o in opt.optimizers if isinstance(o, Muon))
+    assert muon._orthogonalize is not orthogonalize  # the compiled iteration is the one the step uses
+    g = torch.randn(16, 32)
+    whole = torch.compile(orthogonalize, backend="eager", fullgraph=True, dynamic=False)(g, 5, (3.4445, -4.775, 2.0315),
+                                                                                         1e-7, torch.float32)
+    assert torch.allclose(whole, orthogonalize(g, 5, (3.4445, -4.775, 2.0315), 1e-7, torch.float32), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # SimpleTransformer (the design)
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 - `SaveOnInterrupt` turns SIGINT / SIGTERM during training into: finish the current optimizer step, save
   `last.ckpt`, raise `TrainingInterrupted` (the entry point exits 130 / 143). In a multi-process run the ranks
   agree on it at every step boundary (an all-reduce of the signal number, started one step and read the
-  next, so it never waits on the device), so a signal to one rank or to all stops every rank at the same step.
+  next, so it never waits on the device), so a signal to one rank or to all stops every rank at the same step;
+  likewise at every batch of the validation and test that end a run, so no rank is left waiting for another.
 - `ExactResume` stores the RNG states in each checkpoint and restores them before every step, so dropout after
   a resume draws the numbers of an uninterrupted run.
 - `CrashCheckpoint` saves `crash.ckpt` when training dies of an exception, if the weights are finite.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
@@ -126,11 +128,65 @@ class SaveOnInterrupt(Checkpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._release()
 
+    # -- the validation and test after training, in a run of several processes -------------------------
+    # A signal to one rank must not leave the others waiting in the loop's collectives: the ranks agree on it
+    # at the start, after every batch and at the end, and stop together (without saving: last.ckpt holds the
+    # final step already).
+    def _evaluating(self, trainer: L.Trainer) -> bool:
+        return trainer.world_size > 1 and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
+
+    def _evaluation_start(self, trainer: L.Trainer) -> None:
+        if not self._evaluating(trainer) or not can_set_signals():
+            return
+        self._previous = {s: signal.getsignal(s) for s in SIGNALS}
+        INTERRUPTS.deferred = True
+        for s in SIGNALS:
+            signal.signal(s, INTERRUPTS.handler)
+        self._pending = None
+        self._raise_if_agreed(trainer, wait=True)
+
+    def _raise_if_agreed(self, trainer: L.Trainer, wait: bool = False) -> None:
+        signum = self._agreed_signal(trainer, wait=wait)
+        if signum:
+            if self._pending is not None:
+                self._pending[0].wait()
+                self._pending = None
+            INTERRUPTS.handling = True
+            self._release()
+            last = self.dirpath / LAST
+            raise interrupted(trainer, TrainingInterrupted(signum, last if last.exists() else None,
+                                                           trainer.global_step))
+
+    def _evaluation_end(self, trainer: L.Trainer) -> None:
+        if self._evaluating(trainer) and self._previous:
+            self._raise_if_agreed(trainer, wait=True)
+            self._release()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_start(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_start(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._evaluating(trainer) and self._previous:
+            self._raise_if_agreed(trainer)
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._evaluating(trainer) and self._previous:
+            self._raise_if_agreed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_end(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_end(trainer)
+
     def _save_last(self, trainer: L.Trainer) -> Path:
         """Write last.ckpt unless it already holds this optimizer step."""
         path = self.dirpath / LAST
         saved = getattr(trainer.strategy.checkpoint_io, "saved", {}).get(str(path.resolve()))
-        needed = saved is None or saved[0] != trainer.global_step or not path.is_file()
+        needed = saved is None or saved[0] != trainer.global_step or not path.exists()  # a file, or a directory
         # Only rank 0 knows what it saved, and save_checkpoint holds a barrier: every rank must agree.
         if trainer.strategy.broadcast(needed, src=0):
             trainer.save_checkpoint(path, weights_only=False)
@@ -143,7 +199,22 @@ class SaveOnInterrupt(Checkpoint):
             self._pending[0].wait()
             self._pending = None
         path = self._save_last(trainer) if self.save else None
-        self._stopping = TrainingInterrupted(signum, path, trainer.global_step)
+        self._stopping = interrupted(trainer, TrainingInterrupted(signum, path, trainer.global_step))
+
+
+def interrupted(trainer: L.Trainer, exc: TrainingInterrupted) -> TrainingInterrupted:
+    """`exc`, told to leave after the launching process when this rank was started by Lightning's launcher.
+
+    Lightning's rank 0 watches the ranks it started and kills every process, itself included (SIGKILL), as soon as
+    one of them exits with a non-zero code: a rank > 0 that left first with 143 would turn rank 0's own clean
+    exit with 143 into death by SIGKILL. Ranks started by torchrun or SLURM leave at once.
+    """
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.world_size > 1 and trainer.local_rank > 0 and isinstance(environment, LightningEnvironment):
+        exc.after_pid = os.getppid()
+    return exc
 
 
 class ExactResume(L.Callback):
@@ -166,6 +237,7 @@ class ExactResume(L.Callback):
 
         meta = checkpoint.setdefault(META_KEY, {})
         meta["rng"] = self._after_step if self._after_step is not None else collect_rng_states()
+        meta["world_size"] = trainer.world_size  # processes that wrote it (a resume may use another number)
         dm = trainer.datamodule
         if dm is not None and getattr(dm, "tokenizer", None) is not None:
             meta["tokenizer"] = tokenizer_fingerprint(dm.tokenizer)
@@ -204,6 +276,10 @@ class CrashCheckpoint(Checkpoint):
     resumes from the newest checkpoint file it finds, which would override `auto_resume=false`. Interrupts and
     the user's own errors save nothing here, and non-finite weights are never saved. `last.ckpt` is left alone:
     it stays the last clean step for auto-resume.
+
+    In a run of several processes nothing is saved: saving is collective, and the other ranks are not taking
+    part (they are waiting in the step's own collectives). The rank that raised says so and exits at once; the
+    next run resumes from `last.ckpt`.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
@@ -213,6 +289,15 @@ class CrashCheckpoint(Checkpoint):
         if isinstance(exception, (TrainingInterrupted, KeyboardInterrupt, LingmaoError)):
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        if trainer.world_size > 1:
+            print(
+                f"training crashed on rank {trainer.global_rank} at step {trainer.global_step} "
+                f"({type(exception).__name__}); no crash checkpoint in a run of several processes (the others "
+                f"cannot join the save): the next run resumes from {self.dirpath / LAST}",
+                file=sys.stderr, flush=True,
+            )
+            stop_started_ranks(trainer)
             return
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             print("training crashed with non-finite weights: no crash checkpoint written", file=sys.stderr)
@@ -228,3 +313,12 @@ class CrashCheckpoint(Checkpoint):
             f"to continue from it: resume_from={path} (auto_resume would use {self.dirpath / LAST})",
             file=sys.stderr, flush=True,
         )
+
+
+def stop_started_ranks(trainer: L.Trainer) -> None:
+    """On the rank 0 that Lightning's launcher runs, kill the ranks it started (as Lightning does on Ctrl-C): they
+    wait in the step's collectives for this one, over NCCL until the process group's timeout. (Over gloo they
+    would fail within a second or two when this process exits; torchrun and SLURM stop them themselves.)"""
+    launcher = trainer.strategy.launcher
+    if trainer.global_rank == 0 and launcher is not None and getattr(launcher, "procs", None):
+        launcher.kill(signal.SIGKILL)

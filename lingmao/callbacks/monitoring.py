@@ -19,8 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import grad_norm
 
 from lingmao.peak_flops import peak_tflops
 
@@ -35,6 +33,16 @@ def logs_this_step(trainer: L.Trainer | None) -> bool:
     if trainer is None:
         return True
     return trainer.fast_dev_run or (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+
+
+def total_grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
+    """The 2-norm of all gradients of `module` together (None before any); under FSDP, of the whole gradients,
+    not of this rank's shards (a DTensor's norm is computed across its ranks)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 class TrainingMonitor(L.Callback):
@@ -134,10 +142,8 @@ class TrainingMonitor(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if not logs_this_step(trainer):
             return
-        total = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
+        total = total_grad_norm(pl_module)
         if total is not None:
-            if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: add up the squares
-                total = trainer.strategy.reduce(total.to(trainer.strategy.root_device) ** 2, reduce_op="sum") ** 0.5
             pl_module.log("grad_norm", total, on_step=True, on_epoch=False)
         # The rates this very step uses, in its own row. (Lightning's LearningRateMonitor reads them in
         # on_train_batch_start, before the module's hook of that name sets them, and labels its rows apart.)

@@ -7,7 +7,9 @@ of the speed of 1 thread, while on an idle machine 2 threads are faster. No fixe
 
 `ThreadTuner` times a few optimizer steps at each candidate thread count (all cores of the process, half,
 one), keeps the fastest, and measures again every `recheck_minutes`, since neighbours come and go. It does
-nothing when `hardware.cpu_threads` fixes the number, off the CPU, or while night mode holds its own limit.
+nothing when `hardware.cpu_threads` fixes the number, off the CPU, or while night mode holds its own limit. With
+several processes it does not tune: every rank takes rank 0's count (which `hardware.cpu_threads` sets, or
+Lightning's launcher and torchrun: cores / processes, and one).
 Thread counts change the order of floating-point sums, so runs that must repeat bit for bit set
 `hardware.cpu_threads`.
 
@@ -92,9 +94,27 @@ class ThreadTuner(L.Callback):
         self._sample: tuple[float, float, float] | None = None  # cpu_sample() at the end of the last step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.active = stage == "fit" and self.fixed is None and trainer.strategy.root_device.type == "cpu"
+        cpu = trainer.strategy.root_device.type == "cpu"
+        if cpu and trainer.world_size > 1:
+            self.active = False
+            self._agree(trainer)
+            return
+        self.active = stage == "fit" and self.fixed is None and cpu
         if self.active and len(candidate_threads(usable_cores())) < 2:
             self.active = False  # one core: nothing to choose
+
+    def _agree(self, trainer: L.Trainer) -> None:
+        """Several processes: every rank takes rank 0's thread count, and none tunes. (Timings taken while the ranks
+        wait for each other in every step say little, and ranks that chose differently would sum in different
+        orders.)"""
+        # hardware.cpu_threads again: Lightning's launcher sets cores / processes when OMP_NUM_THREADS is unset
+        threads = self.fixed or int(trainer.strategy.broadcast(torch.get_num_threads(), src=0))
+        torch.set_num_threads(threads)
+        if trainer.is_global_zero and self.chosen != threads:
+            why = "hardware.cpu_threads" if self.fixed else (
+                "rank 0's count: the thread tuner does not run with several processes; hardware.cpu_threads=N sets it")
+            log.info("CPU threads: %d on each of the %d processes (%s)", threads, trainer.world_size, why)
+        self.chosen = threads
 
     def _night_holds(self, trainer: L.Trainer) -> bool:
         return any(getattr(getattr(c, "limits", None), "active", False) for c in trainer.callbacks)

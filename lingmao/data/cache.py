@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from lingmao.data.reading import ReadReport, TextSource
 from lingmao.data.tokenizer import NUM_SYMBOLS, FastEncoder, text_symbols, tokenizer_fingerprint
 from lingmao.errors import LingmaoError
-from lingmao.io import file_sha256
+from lingmao.io import file_lock, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +398,14 @@ def open_caches(paths: Sequence[Path], source: TextSource, cache_dir: str | Path
         log.info("token cache hit for %s: %s (%d tokens)", paths[0], folders[0], len(hits[0].symbols))
     elif hits:
         log.info("token cache hit for %d of %d files", len(hits), len(paths))
-    for p, f in missing:
-        if f.exists():
-            log.warning("token cache for %s is unreadable; tokenizing again", p)
     if missing:
-        _build_missing(missing, source, tokenizer, workers)
+        with file_lock(cache_dir.with_name(cache_dir.name + ".lock")):  # one process builds, the others wait
+            missing = [(p, f) for p, f in missing if _open_entry(p, f) is None]
+            for p, f in missing:
+                if f.exists():
+                    log.warning("token cache for %s is unreadable; tokenizing again", p)
+            if missing:
+                _build_missing(missing, source, tokenizer, workers)
     entries = []
     for p, f, e in zip(paths, folders, found, strict=True):
         entry = e or _open_entry(p, f)

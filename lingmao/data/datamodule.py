@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,7 @@ from lingmao.data.tokenizer import (
 )
 from lingmao.data.windows import EpochShuffleSampler, ResumableDataLoader, WindowDataset
 from lingmao.errors import LingmaoError
+from lingmao.io import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,13 @@ class LMDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return self.tokenizer
         path = self.tokenizer_path
+        with file_lock(path.with_name(path.name + ".lock")) if path is not None else nullcontext():
+            tok = self._load_or_train_tokenizer(path)  # the ranks of a run: one trains, the others load it
+        self.tokenizer = tok
+        self._encoder = FastEncoder.for_tokenizer(tok)
+        return tok
+
+    def _load_or_train_tokenizer(self, path: Path | None) -> Tokenizer:
         if path is not None and path.exists():
             tok = load_tokenizer(path)
             log.info("tokenizer: %s (%d tokens)", path, tok.get_vocab_size())
@@ -131,8 +140,6 @@ class LMDataModule(L.LightningDataModule):
             if path is not None:
                 save_tokenizer(tok, path)
                 log.info("saved the tokenizer to %s", path)
-        self.tokenizer = tok
-        self._encoder = FastEncoder.for_tokenizer(tok)
         return tok
 
     @property
