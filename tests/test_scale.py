@@ -245,8 +245,8 @@ class Run:
     def log(self) -> str:
         return self.out_path.read_text(errors="replace") + self.err
 
-    def processes(self) -> list[int]:
-        """The training processes (rank 0 first when Lightning starts the others)."""
+    def descendants(self) -> list[int]:
+        """Every process under the reaper, parents before their children."""
         found, todo = [], [self.proc.pid]
         while todo:
             pid = todo.pop(0)
@@ -254,15 +254,34 @@ class Run:
                 kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
             except OSError:
                 kids = []
-            for kid in kids:
-                try:
-                    cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"lingmao.train" in cmdline and b"torch.distributed.run" not in cmdline:
-                    found.append(kid)
-                todo.append(kid)
+            found += kids
+            todo += kids
         return found
+
+    def processes(self) -> list[int]:
+        """The training processes (rank 0 first when Lightning starts the others)."""
+        found = []
+        for pid in self.descendants():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"lingmao.train" in cmdline and b"torch.distributed.run" not in cmdline:
+                found.append(pid)
+        return found
+
+    def _kill_all(self) -> None:
+        """SIGKILL the job's session and every process under it: torchrun starts its workers in sessions of
+        their own, which killing the session alone would leave running."""
+        for pid in self.descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def wait_for(self, what, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -276,10 +295,7 @@ class Run:
         try:
             self.proc.wait(timeout)
         finally:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill_all()
         report = json.loads(self.report.read_text())
         ended = {int(pid): code for pid, code in report["ended"].items()}
         return {"main": ended[report["main"]][0], "all": sorted(code for code, _ in ended.values()),
@@ -287,7 +303,7 @@ class Run:
 
     def kill(self) -> None:
         """kill -9 of the whole job."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        self._kill_all()
         self.proc.wait()
 
 
