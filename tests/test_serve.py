@@ -625,7 +625,7 @@ def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
 
     from lingmao.serve.__main__ import run
 
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="lingmao.serve")
     cfg = OmegaConf.create({"model_dir": str(model_dir), "host": "127.0.0.1", "port": 0, "device": "cpu",
                             "limits": {"max_new_tokens": 20000}})
     events: list[dict] = []
