@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from lingmao.data.cache import CacheEntry, TokenFile, open_caches
+from lingmao.data.condition import Conditioning, conditioning, document_frequencies, header_values
 from lingmao.data.config import DataConfig
 from lingmao.data.reading import TextSource, input_files, is_txt
 from lingmao.data.tokenizer import (
@@ -70,6 +72,7 @@ class LMDataModule(L.LightningDataModule):
         val_file: Any = None,
         val_fraction: float = 0.02,
         txt_mode: str = "block",
+        condition: Conditioning | None = None,
     ) -> None:
         super().__init__()
         self.inputs = {"train": train_file, "val": val_file, "test": test_file}
@@ -79,7 +82,7 @@ class LMDataModule(L.LightningDataModule):
         self.stride = stride or context_length
         self.eval_stride = eval_stride or context_length
         self.packing = packing
-        self.source = TextSource(text_key, template, convert, on_bad_line, txt_mode)
+        self.source = TextSource(text_key, template, convert, on_bad_line, txt_mode, condition)
         self.min_frequency = min_frequency
         self.val_fraction = val_fraction
         self.cache_dir = cache_dir
@@ -113,8 +116,49 @@ class LMDataModule(L.LightningDataModule):
 
     def _char_entries(self, which: str) -> list[CacheEntry]:
         if which not in self._entries:
+            self._count_keywords()
             self._entries[which] = open_caches(self.files(which), self.source, self.cache_dir, None, self.num_workers)
         return self._entries[which]
+
+    def _count_keywords(self) -> None:
+        """Keywords are chosen by TF-IDF over the training texts: count them (plain texts, cached) first."""
+        cond = self.source.condition
+        if cond is None or not cond.needs_frequencies:
+            return
+        plain = TextSource(self.source.text_key, None, self.source.convert, self.source.on_bad_line,
+                           self.source.txt_mode)
+        entries = open_caches(self.files("train"), plain, self.cache_dir, None, self.num_workers)
+        self.source.condition = cond.with_frequencies(*document_frequencies(entries))
+
+    def condition_record(self) -> dict[str, Any] | None:
+        """What an export records of the conditioning: the `data.condition*` settings, the keyword statistics
+        and the authors of the training documents' headers (the validation documents left out) with their
+        counts, most frequent first."""
+        cond = self.source.condition
+        if cond is None:
+            return None
+        self._count_keywords()
+        record = self.source.condition.record()
+        if "author" in cond.fields:
+            entries = self._char_entries("train")
+            masks = validation_masks(self.token_files("train"), self.val_fraction) if (
+                not self.files("val") and self.val_fraction > 0) else [None] * len(entries)
+            authors: Counter[str] = Counter()
+            for entry, mask in zip(entries, masks, strict=True):
+                authors.update(header_values(entry, "author", None if mask is None else ~mask))
+            record["authors"] = dict(sorted(authors.items(), key=lambda kv: (-kv[1], kv[0])))
+        return record
+
+    def use_tokenizer(self, tok: Tokenizer) -> None:
+        """Train and test with `tok` (e.g. the tokenizer of the model a run starts from) instead of
+        `data.tokenizer_path` or a new one."""
+        self.tokenizer = tok
+        self._encoder = FastEncoder.for_tokenizer(tok)
+        self._token_files.clear()
+
+    def symbol_counts(self, which: str = "train") -> np.ndarray:
+        """How often each symbol (character or marker, `lingmao.data.tokenizer`) occurs in input `which`."""
+        return sum(e.symbol_counts() for e in self._char_entries(which))
 
     def token_files(self, which: str) -> list[TokenFile]:
         """The tokens of every file of input `which` (read and cached on first use)."""
@@ -316,6 +360,8 @@ def default_tokenizer_path(data_cfg: Any, cache_dir: str | Path) -> Path:
         st = path.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(f"{d.text_key}|{d.template}|{d.convert}|{d.min_frequency}".encode())
+    if d.condition:  # the header tokens are in the vocabulary
+        h.update(f"|condition:{sorted(d.condition)}".encode())
     if any(is_txt(p) for p in files):
         h.update(f"|txt:{d.txt_mode}".encode())
     name = files[0].name if len(files) == 1 else f"{files[0].name}+{len(files) - 1}"
@@ -344,6 +390,7 @@ def build_datamodule(data_cfg: Any, cache_dir: str | Path, seed: int = 0, pin_me
         num_workers=d.num_workers,
         val_fraction=d.val_fraction,
         txt_mode=d.txt_mode,
+        condition=conditioning(d.condition, d.condition_keywords, d.condition_dropout),
         cache_dir=str(Path(cache_dir) / "tokens"),
         pin_memory=pin_memory,
         seed=seed,
