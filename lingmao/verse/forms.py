@@ -497,13 +497,17 @@ class _State:
     def allowed(self, k: int) -> torch.Tensor:
         allowed = torch.zeros(self.batch, self.c.size, dtype=torch.bool, device=self.device)
         for vi in range(len(self.c.variants)):
-            m = self.tone_masks[self.needs(vi, k)]
-            at = self.rhyme_at[vi].get(k)
-            if at is not None:
-                s, t = at
-                m = m & ((self.live[vi][:, s, :].float() @ self.rhyme_float[t]) > 0)
-            allowed |= m & self.alive[:, vi : vi + 1]
+            allowed |= self.variant_allowed(vi, k)
         return allowed
+
+    def variant_allowed(self, vi: int, k: int) -> torch.Tensor:
+        """bool [batch, V]: what variant `vi` admits at character position k (nothing where it is dead)."""
+        m = self.tone_masks[self.needs(vi, k)]
+        at = self.rhyme_at[vi].get(k)
+        if at is not None:
+            s, t = at
+            m = m & ((self.live[vi][:, s, :].float() @ self.rhyme_float[t]) > 0)
+        return m & self.alive[:, vi : vi + 1]
 
     def fold_token(self, slot_index: int, tokens: torch.Tensor) -> None:
         """Take in the tokens sampled at `slot_index`."""
