@@ -109,7 +109,7 @@ def train(cfg: DictConfig) -> TrainResult:
         log.info("exported the model to %s", result.export_dir)
     report.log_summary(trainer, result.checkpoint, result.export_dir, result.test)
     if conf.show_samples and trainer.is_global_zero:
-        report.log_samples(lm.model, tokenizer, dataclasses.asdict(conf.data), conf.seed)
+        report.log_samples(lm.model, tokenizer, dataclasses.asdict(conf.data), conf.seed, dm.condition_record())
     if trainer.is_global_zero:
         sweep.mark_finished(run_dir, cfg, result.best_val_loss, result.last_val_loss, trainer.global_step)
     return result

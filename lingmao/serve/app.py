@@ -35,6 +35,7 @@ from lingmao.verse.forms import FORM_NAMES, FORMS
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+MAX_AUTHORS_SHOWN = 2000  # the page's list of authors to choose from; any author of the model is accepted
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -91,6 +92,9 @@ def model_info(lm: Any, name: str) -> dict[str, Any]:
         "vocab_size": lm.tokenizer.get_vocab_size(),
         "context_length": (config.get("data") or {}).get("context_length"),
         "device": str(lm.device),
+        # data.condition: the header fields the page offers, and the authors (most poems first)
+        "condition": (config.get("condition") or {}).get("fields") or [],
+        "authors": list((config.get("condition") or {}).get("authors") or {})[:MAX_AUTHORS_SHOWN],
     }
 
 
