@@ -131,6 +131,22 @@ class InitSource:
                 raise LingmaoError(f"init_from: {key} of {self.path} has shape {tuple(source.shape)}, the model "
                                    f"{tuple(value.shape)}")
         model.load_state_dict(new_state, strict=True)
+        log.info("initialized from %s (a fresh optimizer and learning-rate schedule)", self.path)
+
+
+def start_from(conf: Any, dm: Any) -> InitSource:
+    """Set a run up to start from `conf.init_from`: the data module takes the source's tokenizer (extended when
+    `init_from_extend_vocab`) and keyword statistics, `conf.model` the source's shape. The caller builds the
+    model and calls `load_into` on it."""
+    from lingmao.config import check_context
+
+    init = InitSource.load(conf.init_from)
+    dm.use_keyword_statistics(init.config.get("condition"))
+    tokenizer, _ = init.tokenizer_for(dm.symbol_counts("train"), conf.init_from_extend_vocab)
+    dm.use_tokenizer(tokenizer)
+    conf.model = init.model_config(conf.model)
+    check_context(conf)
+    return init
 
 
 def missing_tokens(tok: Tokenizer, counts: np.ndarray) -> list[str]:

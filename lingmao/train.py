@@ -21,7 +21,7 @@ from lingmao.data import build_datamodule
 from lingmao.errors import exit_on_user_error
 from lingmao.evaluate import test_result
 from lingmao.export import export_model
-from lingmao.finetune import InitSource
+from lingmao.finetune import start_from
 from lingmao.hardware import configure_process, resolve_accelerator, resolve_precision
 from lingmao.loggers import build_loggers
 from lingmao.module import LingmaoLM
@@ -56,12 +56,7 @@ def train(cfg: DictConfig) -> TrainResult:
         return TrainResult(run_dir, done.global_step, done.best_val_loss, done.last_val_loss, finished_before=True)
 
     dm = build_datamodule(conf.data, conf.paths.cache_dir, seed=conf.seed, pin_memory=accelerator == "cuda")
-    init = InitSource.load(conf.init_from) if conf.init_from else None
-    if init is not None:  # fine-tuning: the source's tokenizer (extended when asked) and model shape
-        tokenizer, _ = init.tokenizer_for(dm.symbol_counts("train"), conf.init_from_extend_vocab)
-        dm.use_tokenizer(tokenizer)
-        conf.model = init.model_config(conf.model)
-        config.check_context(conf)
+    init = start_from(conf, dm) if conf.init_from else None  # fine-tuning: the source's tokenizer and model shape
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     schedule = {"max_steps": conf.trainer.max_steps, "max_epochs": conf.trainer.max_epochs}
@@ -69,7 +64,6 @@ def train(cfg: DictConfig) -> TrainResult:
                    dm.special_ids["pad"], schedule)
     if init is not None:
         init.load_into(lm.model)
-        log.info("initialized from %s (fresh optimizer and schedule)", init.path)
     lm.val_tokens_per_char = dm.tokens_per_char("val")
     log.info("model: %s (%s), %.2f M parameters (%.2f M without the embedding), vocabulary %d", conf.model.name,
              getattr(conf.model, "arch", "design"), lm.model.num_parameters() / 1e6,

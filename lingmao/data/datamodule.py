@@ -130,6 +130,15 @@ class LMDataModule(L.LightningDataModule):
         entries = open_caches(self.files("train"), plain, self.cache_dir, None, self.num_workers)
         self.source.condition = cond.with_frequencies(*document_frequencies(entries))
 
+    def use_keyword_statistics(self, record: dict[str, Any] | None) -> None:
+        """Choose keywords by the document frequencies of another model's training set (its export's record), so
+        that a fine-tuned model's keywords mean what its source's meant; without them, by this training set's."""
+        cond = self.source.condition
+        if cond is not None and "keywords" in cond.fields and (record or {}).get("frequencies"):
+            self.source.condition = cond.with_frequencies(record["frequencies"], record.get("documents", 0))
+            self._entries.clear()
+            self._token_files.clear()
+
     def condition_record(self) -> dict[str, Any] | None:
         """What an export records of the conditioning: the `data.condition*` settings, the keyword statistics
         and the authors of the training documents' headers (the validation documents left out) with their
