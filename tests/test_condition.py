@@ -296,11 +296,10 @@ def test_a_conditioned_run_exports_and_generates_to_a_title_and_poet(tmp_path, s
 
 
 def test_a_list_of_chinese_keywords_passes_the_command_line_as_a_list():
-    from lingmao.cli import quote_unicode_overrides
-    from lingmao.generate import _keywords
     from hydra import compose, initialize_config_dir
 
-    from lingmao.cli import CONF_DIR
+    from lingmao.cli import CONF_DIR, quote_unicode_overrides
+    from lingmao.generate import _keywords
     from lingmao.verse.keywords import normalize_keywords
 
     quoted = quote_unicode_overrides(["keywords=[月,霜]", "keywords=['月']"])
