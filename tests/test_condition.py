@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +310,22 @@ def test_a_list_of_chinese_keywords_passes_the_command_line_as_a_list():
         cfg = compose("generate", overrides=quote_unicode_overrides(["keywords=[明月,霜]", "title=春望"]))
     assert _keywords(cfg.keywords) == ["明月", "霜"] and cfg.title == "春望"
     assert normalize_keywords("月 霜、秋,月") == ["月", "霜", "秋"]
+
+
+@pytest.mark.slow
+def test_bench_condition_prints_the_table(tmp_path, capsys):
+    from tests.test_bench_smoke import load_script
+
+    train = cut_corpus(SAMPLE / "train.jsonl", tmp_path / "train.jsonl", 200)
+    test = cut_corpus(SAMPLE / "test.jsonl", tmp_path / "test.jsonl", 20)
+    bench = load_script("bench_condition")
+    argv = ["--steps", "3", "--output-dir", str(tmp_path / "out"), "--set", "model=tiny", "model.d_model=16",
+            "model.dim_feedforward=32", "hardware=cpu", "hardware.cpu_threads=1", "data.context_length=32",
+            "data.batch_size=4", f"data.train_file={train}", f"data.test_file={test}", "trainer.limit_val_batches=2"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| plain", "| condition="))]
+    assert [r[1] for r in rows] == ["-", "title+author+keywords", "title only", "author only", "keywords only",
+                                    "empty (<body> only)"], out
+    assert all(5 < float(r[2]) < 16 for r in rows), out
+    assert re.search(r"the full header is \d+\.\d% of a test poem's tokens", out), out

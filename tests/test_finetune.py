@@ -16,7 +16,7 @@ from lingmao.data.condition import BODY_MARK, MARK_OF, conditioning
 from lingmao.train import train
 from tests.conftest import SAMPLE, cut_corpus, tiny_overrides
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path: Path, name: str, train_file: Path, test_file: Path, *extra: str, steps: int = 10):
@@ -38,6 +38,7 @@ def base(tmp_path_factory):
     return result, train_file, test_file
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_run_starts_from_the_source_weights_exactly(base, tmp_path):
     result, train_file, test_file = base
     for source in (result.export_dir, result.checkpoint):
@@ -52,6 +53,7 @@ def test_a_fine_tuned_run_starts_from_the_source_weights_exactly(base, tmp_path)
     assert tuned.global_step == 5
 
 
+@pytest.mark.slow
 def test_missing_characters_are_an_error_or_new_rows(base, tmp_path):
     result, _, test_file = base
     other = tmp_path / "other.jsonl"
@@ -87,3 +89,19 @@ def test_init_from_problems_are_named_before_anything_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LingmaoError, match="not an exported lingmao model"):
         validate(compose_config([f"init_from={tmp_path / 'empty'}"]))
+
+
+def test_one_poets_split_holds_out_texts_no_base_has_seen(tmp_path):
+    from tests.test_bench_smoke import load_script
+
+    prepare = load_script("prepare_corpus")
+    lines = (SAMPLE / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    seen = set(json.loads(line)["text"] for line in lines[::4])  # the base model's training texts
+    train, test = prepare.poet_split(lines, "杜甫", 0.2, seen)
+    records = [json.loads(line) for line in train + test]
+    assert {r["author"] for r in records} == {"杜甫"}
+    assert len(records) == len({r["text"] for r in records}) == sum(json.loads(x)["author"] == "杜甫" for x in lines)
+    assert test and not {json.loads(line)["text"] for line in test} & seen
+    assert 0.1 < len(test) / len(records) < 0.3  # about a fifth, less the texts the base has seen
+    again = prepare.poet_split(list(reversed(lines)), "杜甫", 0.2, seen)  # by a hash of the text, not by position
+    assert sorted(again[1]) == sorted(test)
