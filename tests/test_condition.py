@@ -329,3 +329,25 @@ def test_bench_condition_prints_the_table(tmp_path, capsys):
                                     "empty (<body> only)"], out
     assert all(5 < float(r[2]) < 16 for r in rows), out
     assert re.search(r"the full header is \d+\.\d% of a test poem's tokens", out), out
+
+
+@pytest.mark.slow
+def test_the_web_api_takes_a_poet_and_keywords(conditioned):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from lingmao.serve.app import create_app
+
+    with TestClient(create_app(conditioned)) as client:
+        info = client.get("/api/info").json()["model"]
+        assert info["condition"] == list(ALL) and "杜甫" in info["authors"]
+        body = {"form": "wujue", "title": "春望", "author": "杜甫", "keywords": ["月", "霜"], "enforce_keywords": True,
+                "num_samples": 2, "seed": 1}
+        result = client.post("/api/generate", json=body)
+        assert result.status_code == 200, result.text
+        assert all("月" in p["text"] and "霜" in p["text"] for p in result.json()["poems"])
+        refused = client.post("/api/generate", json={"author": "李百"})
+        assert refused.status_code == 400 and "not one of the model's" in refused.json()["error"]
+        too_many = client.post("/api/generate", json={"keywords": list("春夏秋冬风花雪月天")})
+        assert too_many.status_code == 422
