@@ -29,7 +29,8 @@ TRAINER_SET_ELSEWHERE = {
 
 
 def quote_unicode_overrides(argv: list[str]) -> list[str]:
-    """Quote `key=value` arguments whose value has non-ASCII characters (`prompt=床前明月光`).
+    """Quote `key=value` arguments whose value has non-ASCII characters (`prompt=床前明月光`), or the elements of
+    such a list (`keywords=[月,霜]`).
 
     Hydra's override grammar rejects unquoted Chinese text, and the shell has already removed the
     quotes the user typed, so the app adds them back before Hydra parses the command line.
@@ -38,12 +39,21 @@ def quote_unicode_overrides(argv: list[str]) -> list[str]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and not arg.startswith("-") and value[:1] not in ("'", '"') and not value.isascii():
-            # Inside Hydra quotes a backslash is literal unless it precedes a quote (or the closing one).
-            value = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
-            value = '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value) + '"'
+            if value[:1] == "[" and value[-1:] == "]":  # a list (keywords=[月,霜]): its elements are quoted
+                if not set("'\"[]") & set(value[1:-1]):
+                    items = [item.strip() for item in value[1:-1].split(",")]
+                    value = "[" + ",".join(_quoted(i) if not i.isascii() else i for i in items) + "]"
+            else:
+                value = _quoted(value)
             arg = f"{key}={value}"
         out.append(arg)
     return out
+
+
+def _quoted(value: str) -> str:
+    # Inside Hydra quotes a backslash is literal unless it precedes a quote (or the closing one).
+    value = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value) + '"'
 
 
 def schema_of(root: type | None, group: str) -> type | None:

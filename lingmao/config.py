@@ -108,6 +108,10 @@ class TrainConfig:
     resume_from: str | None = None  # or resume from this checkpoint
     # A resume whose training settings differ from the checkpoint's is refused; accept = continue with the new ones.
     resume_changed: str = choice("refuse", "refuse", "accept")
+    # Fine-tuning (lingmao/finetune.py): start from the weights and tokenizer of an export or a .ckpt, with a fresh
+    # optimizer and schedule; init_from_extend_vocab adds the training data's tokens the tokenizer lacks.
+    init_from: str | None = None
+    init_from_extend_vocab: bool = False
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM save a checkpoint before exiting
     checkpoint_every: int = number(1, ge=0)  # keep an epoch checkpoint every N epochs (0 = none)
     checkpoint_every_n_steps: int = number(200, ge=0)  # refresh last.ckpt every N optimizer steps (0 = epoch ends)
@@ -119,11 +123,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.data.context_length > self.model.max_len:
-            raise LingmaoError(
-                f"data.context_length={self.data.context_length} exceeds the longest sequence the model takes, "
-                f"model.max_len={self.model.max_len}; lower data.context_length or raise model.max_len"
-            )
+        check_context(self)
         check_strategy(self.optim, self.hardware.strategy)
         if self.resume_from:
             from lingmao.checkpointing import checkpoint_problem
@@ -133,6 +133,12 @@ class TrainConfig:
                 raise LingmaoError(f"resume_from: {problem}")
         if self.model_save_dir:
             self._check_export_dir(Path(self.model_save_dir))
+        if self.init_from:
+            from lingmao.finetune import init_problem
+
+            problem = init_problem(Path(self.init_from))
+            if problem:
+                raise LingmaoError(f"init_from: {problem}")
 
     def _check_export_dir(self, target: Path) -> None:
         from lingmao.export import export_problem
@@ -153,6 +159,15 @@ class TrainConfig:
         problem = export_problem(target)
         if problem:
             raise LingmaoError(f"model_save_dir: {problem}")
+
+
+def check_context(conf: TrainConfig) -> None:
+    """data.context_length must fit the model (also the model an `init_from` run takes from its source)."""
+    if conf.data.context_length > conf.model.max_len:
+        raise LingmaoError(
+            f"data.context_length={conf.data.context_length} exceeds the longest sequence the model takes, "
+            f"model.max_len={conf.model.max_len}; lower data.context_length or raise model.max_len"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ so every token but the first `<bos>` is predicted exactly once.
 - perplexity: exp(loss);
 - bits per character: total nats / ln 2 / characters of the documents' text. It does not depend on
   how the text was tokenized, so models with different tokenizers can be compared.
+
+A model trained with `data.condition` reads each text with its header, as in training (the header's tokens
+and characters are counted with the text's; `lingmao.scoring` scores the text alone).
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ def unigram_perplexity(train_counts: np.ndarray, test_counts: np.ndarray) -> flo
     test = np.pad(np.asarray(test_counts, dtype=np.float64), (0, size - len(test_counts)))
     logp = np.log(train / train.sum())
     return float(math.exp(-(test * logp).sum() / test.sum()))
+
+
+def evaluation_conditioning(lm: Any) -> Any:
+    """The header a model trained with `data.condition` reads before each text (as in training: the same
+    keyword statistics and field dropout); None for a model without one."""
+    from lingmao.data.condition import model_conditioning
+
+    cond = model_conditioning(lm.config or {}, lm.tokenizer)
+    if cond is not None and "keywords" in cond.fields and cond.frequencies is None:
+        log.warning("the model's keyword statistics are not at hand (a checkpoint without its run's export): the "
+                    "texts are scored without keywords in their headers")
+        cond = type(cond)(tuple(f for f in cond.fields if f != "keywords"), cond.keywords, cond.dropout)
+    return cond
 
 
 def test_result(trainer: Any, lm: Any, dm: Any) -> Any:
@@ -97,6 +113,7 @@ def evaluate_file(
         convert or data_cfg.get("convert") or "none",
         on_bad_line,
         txt_mode or data_cfg.get("txt_mode") or "block",
+        evaluation_conditioning(lm),
     )
     files = input_files(path, "data.test_file")
     name = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"

@@ -97,11 +97,13 @@ def is_export(directory: Path) -> bool:
 
 def export_model(
     directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, model_cfg: ModelConfig | dict[str, Any],
-    data_cfg: dict[str, Any] | None = None, lines: Any = None,
+    data_cfg: dict[str, Any] | None = None, condition: dict[str, Any] | None = None, lines: Any = None,
 ) -> Path:
     """Write `directory/{model.safetensors, tokenizer.json, config.json}` and, given `lines` (a
     `lingmao.verse.lines.LineSet`), `lines.safetensors` (see the module docstring).
 
+    `condition` (`LMDataModule.condition_record`): what the model was conditioned on (`data.condition`), kept in
+    config.json as "condition" with the author list; an export without it is a model without a header.
     Refuses (LingmaoError) a folder that holds other things and is not an export; other files in an export
     folder are kept."""
     directory = Path(directory)
@@ -127,6 +129,8 @@ def export_model(
             "sha256": {name: file_sha256(staging / name) for name in (WEIGHTS, TOKENIZER, LINES)
                        if (staging / name).is_file()},
         }
+        if condition:
+            config["condition"] = condition
         (staging / CONFIG).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
         marker = {"format": FORMAT, "sha256": {CONFIG: file_sha256(staging / CONFIG)}}
         (staging / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
@@ -182,14 +186,19 @@ class LingmaoModel:
         e.g. tune="浣溪沙"), acrostic, rhyme (pingshui | modern | none; default pingshui with a form), tones
         (strict | lenient | off; default lenient for a shi form), pattern (auto | 平起 | 仄起),
         first_line_rhymes (None = either), distinct_rhymes (default True: no 重韵 in a shi form), refuse_copies
-        (None = refuse to complete a training line with a form, when the model has its line set), title,
-        temperature (0 = greedy), top_k, top_p,
+        (None = refuse to complete a training line with a form, when the model has its line set), title, author,
+        keywords (a string or a list; with enforce_keywords=True each appears in the result), temperature
+        (0 = greedy), top_k, top_p,
         repetition_penalty, max_new_tokens (free text only: a form fixes the length), num_samples, seed,
         convert, context_length, stream, on_token. Tone marks of a result: `lingmao.verse.notation.tone_marks`.
         """
         from lingmao.sampling import generate  # lazy: sampling imports data and forms
 
         return generate(self, prompt, **options)
+
+    def authors(self) -> dict[str, int]:
+        """The authors the model was conditioned on (`data.condition` with author), with their poems in training."""
+        return dict(((self.config or {}).get("condition") or {}).get("authors") or {})
 
     @classmethod
     def from_checkpoint(
@@ -199,7 +208,7 @@ class LingmaoModel:
 
         The tokenizer is `tokenizer`, else the first `tokenizer.json` found beside the checkpoint, in
         its run directory or in the run's `export/` folder. The data settings (context length,
-        template, conversion) come from the run's exported `config.json` when there is one.
+        template, conversion, conditioning) come from the run's exported `config.json` when there is one.
         """
         from lingmao.checkpointing import load_checkpoint_file
 
@@ -243,6 +252,8 @@ class LingmaoModel:
                 try:
                     exported = json.loads((d / CONFIG).read_text(encoding="utf-8"))
                     config["data"] = exported.get("data") or {}
+                    if isinstance(exported, dict) and exported.get("condition"):
+                        config["condition"] = exported["condition"]
                 except (OSError, ValueError, AttributeError):  # unreadable or not an export's: no data settings
                     exported = {}
                 lines = load_lines(d, exported if isinstance(exported, dict) else {})  # from the run's export

@@ -3,7 +3,7 @@
 With num_samples=1 the text is printed as it is produced; several samples are generated in one
 batch and printed one after the other. Messages go to stderr, poems to stdout. `show_tones=true` prints
 the tone marks under each line (`lingmao.verse.notation`); `list_tunes=true` lists the ci tunes (no model
-needed).
+needed); `list_authors=true` the authors a model was conditioned on (`data.condition`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def list_tunes() -> str:
     return "\n".join(rows + [note])
 
 
+def list_authors(lm) -> str:
+    """The authors the model was conditioned on, one a line with the poems it saw of each, most first."""
+    authors = lm.authors()
+    if not authors:
+        raise LingmaoError("list_authors: this model was not trained with authors (data.condition=[title,author,...])")
+    return "\n".join(f"{name}\t{count}" for name, count in authors.items())
+
+
 def show_tones(texts: list[str], cfg: DictConfig) -> str:
     """Each poem with its tone marks and pattern (`lingmao.verse.notation`)."""
     from lingmao.verse.checker import check
@@ -69,6 +77,9 @@ def run(cfg: DictConfig) -> list[str]:
         sys.stdout.write(list_tunes() + "\n")
         return []
     lm = load_for_inference(cfg)
+    if cfg.get("list_authors"):
+        sys.stdout.write(list_authors(lm) + "\n")
+        return []
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     log.info("device %s, seed %d", lm.device, seed)
     marks = bool(cfg.get("show_tones"))
@@ -87,6 +98,8 @@ def run(cfg: DictConfig) -> list[str]:
         cfg.prompt or "", form=cfg.form, tune=cfg.get("tune"), acrostic=cfg.acrostic, rhyme=cfg.rhyme,
         tones=cfg.get("tones"), pattern=cfg.get("pattern"), first_line_rhymes=cfg.get("first_line_rhymes"),
         distinct_rhymes=cfg.get("distinct_rhymes", True), refuse_copies=cfg.get("refuse_copies"), title=cfg.title,
+        author=cfg.get("author"), keywords=_keywords(cfg.get("keywords")),
+        enforce_keywords=bool(cfg.get("enforce_keywords")),
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
         max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, seed=seed, convert=cfg.convert,
         context_length=cfg.context_length, stream=stream if streaming else None,
@@ -100,6 +113,13 @@ def run(cfg: DictConfig) -> list[str]:
             sys.stdout.write(f"--- {i} ---\n{text}\n")
     sys.stdout.flush()
     return texts
+
+
+def _keywords(value):
+    """keywords=[月,霜] (a Hydra list) or keywords=月 -> a list or a string for `generate`."""
+    from omegaconf import ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
 
 
 if __name__ == "__main__":

@@ -147,19 +147,29 @@ def log_summary(trainer: L.Trainer, checkpoint: Path | None = None, export: Path
         )
 
 
+SAMPLE_TITLE = "春望"
+
+
 @rank_zero_only
-def log_samples(model: Any, tokenizer: Any, data_cfg: dict[str, Any], seed: int) -> None:
-    """Print a 五绝 and a 七绝 from the model just trained, so the user sees at once what the run bought."""
+def log_samples(model: Any, tokenizer: Any, data_cfg: dict[str, Any], seed: int,
+                condition: dict[str, Any] | None = None) -> None:
+    """Print a 五绝 and a 七绝 from the model just trained, so the user sees at once what the run bought; a model
+    conditioned on title and author also writes a 七绝 to a title in the manner of its most prolific poet."""
     from lingmao.errors import LingmaoError
     from lingmao.export import LingmaoModel
 
     model.eval()
-    lm = LingmaoModel(model, tokenizer, {"data": data_cfg})
-    for form, name in (("wujue", "五绝"), ("qijue", "七绝")):
+    lm = LingmaoModel(model, tokenizer, {"data": data_cfg, **({"condition": condition} if condition else {})})
+    samples = [("wujue", "五绝", {}), ("qijue", "七绝", {})]
+    fields, authors = (condition or {}).get("fields") or [], list((condition or {}).get("authors") or {})
+    if "title" in fields and "author" in fields and authors:
+        samples.append(("qijue", "七绝", {"title": SAMPLE_TITLE, "author": authors[0]}))
+    for form, name, header in samples:
         try:
-            poem = lm.generate(form=form, seed=seed)[0]
+            poem = lm.generate(form=form, seed=seed, **header)[0]
         except LingmaoError as exc:
             log.info("no %s sample: %s", name, exc)
             continue
-        log.info("a %s from this model (python -m lingmao.generate model_dir=... form=%s seed=%d):\n%s",
-                 name, form, seed, poem)
+        given = "".join(f" {k}={v}" for k, v in header.items())
+        log.info("a %s from this model (python -m lingmao.generate model_dir=... form=%s%s seed=%d):\n%s",
+                 name, form, given, seed, poem)

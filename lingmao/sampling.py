@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from lingmao.data import make_converter
-from lingmao.data.tokenizer import special_ids
+from lingmao.data.condition import check_author, model_conditioning
+from lingmao.data.tokenizer import FastEncoder, header_ids, special_ids
 from lingmao.decoding import AllowedTokens, Banned, Generation, RepetitionPenalty, StepMask, decode
 from lingmao.errors import LingmaoError
 from lingmao.verse.forms import FormConstraint, normalize_form, normalize_pattern, normalize_rhyme, normalize_tones
+from lingmao.verse.keywords import KeywordConstraint, normalize_keywords
 from lingmao.verse.lines import copy_filter
 from lingmao.verse.vocab import vocab_tables
 
@@ -186,6 +188,9 @@ def prepare(
     distinct_rhymes: bool = True,
     refuse_copies: bool | None = None,
     title: str | None = None,
+    author: str | None = None,
+    keywords: str | list[str] | None = None,
+    enforce_keywords: bool = False,
     temperature: float = 0.8,
     top_k: int | None = 0,
     top_p: float = 0.9,
@@ -201,8 +206,10 @@ def prepare(
     """The options of a generation checked (a bad one is a one-line `LingmaoError`) and turned into a
     `lingmao.decoding.Generation`, not yet decoded; its `texts()` are the results of `generate`.
 
-    The title is not part of the result. `stream(piece)` receives the text as it is produced (num_samples=1);
-    `on_token(sample, piece)` receives each sample's, and may raise to stop the generation.
+    The title is not part of the result. A model trained with `data.condition` starts from a header of the title,
+    author and keywords given (`lingmao.data.condition`); `enforce_keywords=True` makes each keyword appear in every
+    sample (`lingmao.verse.keywords`), with any model. `stream(piece)` receives the text as it is produced
+    (num_samples=1); `on_token(sample, piece)` receives each sample's, and may raise to stop the generation.
     Verse options (`lingmao.verse.forms`): form (wujue qijue wulv qilv, or ci with tune=NAME), acrostic,
     rhyme (pingshui | modern | none; None = pingshui with a form), tones (strict | lenient | off; None =
     lenient for a shi form), pattern (auto | 平起 | 仄起), first_line_rhymes (None = either), distinct_rhymes
@@ -213,6 +220,7 @@ def prepare(
     check_text("prompt", prompt, newlines=True)
     check_text("title", title)
     check_text("acrostic", acrostic)
+    check_text("author", author)
     tok, model, config = lm.tokenizer, lm.model, lm.config or {}
     data_cfg = config.get("data") or {}
     convert = convert if convert is not None else (data_cfg.get("convert") or "none")
@@ -230,7 +238,11 @@ def prepare(
     if first_line_rhymes is not None and (form is None or form == "ci"):
         raise LingmaoError("first_line_rhymes: for the shi forms (wujue, qijue, wulv, qilv) only")
     ids = special_ids(tok)
-    prefix = [ids["bos"]] + _title_prefix(tok, title, data_cfg.get("template"), converter)
+    keywords = normalize_keywords(keywords)
+    for keyword in keywords:
+        check_text("keywords", keyword)
+    keywords = [converter(k) for k in keywords]
+    prefix = [ids["bos"]] + _header_prefix(lm, title, author, keywords, enforce_keywords, converter)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     unknown = sorted({ch for ch, i in zip(prompt, prompt_ids, strict=False) if i == ids["unk"]})
     if unknown:
@@ -245,6 +257,10 @@ def prepare(
         )
         steps = constraint.steps  # the form fixes the length; max_new_tokens does not apply
     step_mask = constraint.mask if constraint is not None else None
+    if enforce_keywords and keywords:
+        placing = KeywordConstraint(tok, keywords, steps, constraint, prompt, ids["eos"])
+        step_mask = placing.mask if constraint is None else (
+            lambda step, generated: constraint.mask(step, generated) & placing.mask(step, generated))
     copies = copy_filter(getattr(lm, "lines", None), constraint, tok, prompt, refuse_copies)
     if copies is not None:
         step_mask = copies.restrict(step_mask)
@@ -264,12 +280,47 @@ def prepare(
     generation = Generation(
         prefix + prompt_ids, eos_id=ids["eos"], max_new_tokens=steps, num_samples=num_samples,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        rules=sampling_rules(model.vocab_size, repetition_penalty, eligible, [ids["pad"], ids["unk"], ids["bos"]],
-                             step_mask),
+        rules=sampling_rules(model.vocab_size, repetition_penalty, eligible,
+                             [ids["pad"], ids["unk"], ids["bos"], *header_ids(tok).values()], step_mask),
         context_length=context_length or data_cfg.get("context_length"), on_step=on_step,
     )
     generation.text = lambda rows: [prompt + "".join(pieces[i] for i in row) for row in rows]
     return generation
+
+
+def _header_prefix(lm: Any, title: str | None, author: str | None, keywords: list[str], enforce: bool,
+                   converter: Callable[[str], str]) -> list[int]:
+    """Token ids after `<bos>`: the conditioning header of a model trained with one, else the title as the
+    model's `data.template` wrote it (or nothing)."""
+    tok, config = lm.tokenizer, lm.config or {}
+    cond = model_conditioning(config, tok)
+    if cond is None:
+        if author:
+            raise LingmaoError("author: this model was not trained with authors (data.condition=[title,author,...])")
+        if keywords and not enforce:
+            raise LingmaoError("keywords: this model was not trained with keywords (data.condition); add "
+                               "enforce_keywords=true to have them written into the text")
+        return _title_prefix(tok, title, (config.get("data") or {}).get("template"), converter)
+    for name, value in (("title", title), ("author", author), ("keywords", keywords)):
+        if value and name not in cond.fields:
+            trained = ", ".join(cond.fields) or "none"
+            if name == "keywords" and enforce:
+                continue  # placed by construction only
+            raise LingmaoError(f"{name}: this model was conditioned on {trained} only (data.condition)")
+    author = converter(author) if author else None
+    authors = (config.get("condition") or {}).get("authors")
+    if author and authors is not None:
+        check_author(author, authors)
+    header = cond.header(converter(title) if title else None, author, "".join(keywords) or None)
+    encoder = FastEncoder.for_tokenizer(tok)
+    if encoder is None:
+        raise LingmaoError("this model's tokenizer is not a character tokenizer; it cannot take a header")
+    header_tokens, _ = encoder.encode_batch([header], headed=True)
+    unknown = sorted({ch for ch, i in zip(header, header_tokens[1:-1].tolist(), strict=False)
+                      if i == special_ids(tok)["unk"]})
+    if unknown:
+        log.warning("title/keywords: %s not in the model's vocabulary (read as <unk>)", " ".join(unknown))
+    return header_tokens[1:-1].tolist()
 
 
 def _title_prefix(tok: Any, title: str | None, template: str | None, converter: Callable[[str], str]) -> list[int]:

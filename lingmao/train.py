@@ -22,6 +22,7 @@ from lingmao.data import LMDataModule
 from lingmao.errors import exit_on_user_error
 from lingmao.evaluate import test_result
 from lingmao.export import export_model
+from lingmao.finetune import start_from
 from lingmao.fsdp import full_model
 from lingmao.hardware import configure_process, resolve_accelerator, resolve_precision
 from lingmao.loggers import build_loggers
@@ -72,11 +73,14 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
     folder.open(run_dir)
 
     dm = LMDataModule(conf.data, conf.paths.cache_dir, pin_memory=accelerator == "cuda", seed=conf.seed)
+    init = start_from(conf, dm) if conf.init_from else None  # fine-tuning: the source's tokenizer and model shape
     tokenizer = dm.prepare_tokenizer()
     dm.prepare_data()
     schedule = {"max_steps": conf.trainer.max_steps, "max_epochs": conf.trainer.max_epochs}
     lm = LingmaoLM(dataclasses.asdict(conf.model), dataclasses.asdict(conf.optim), tokenizer.get_vocab_size(),
                    dm.special_ids["pad"], schedule)
+    if init is not None:
+        init.load_into(lm.model)
     lm.val_tokens_per_char = dm.tokens_per_char("val")
     lm.training_config = runs.training_config(cfg)
     folder.watch(lm)
@@ -113,14 +117,16 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
     if conf.run_test and dm.has_test:
         result.test = test_result(trainer, lm, dm)
     model = full_model(lm.model) if conf.export or conf.show_samples else None  # whole weights (on rank 0)
+    condition = dm.condition_record() if trainer.is_global_zero and (conf.export or conf.show_samples) else None
     if conf.export and trainer.is_global_zero:
         result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
         lines = LineSet.from_files(dm.files("train"), dm.source)  # what generation must not copy
-        export_model(result.export_dir, model, tokenizer, conf.model, dataclasses.asdict(conf.data), lines=lines)
+        export_model(result.export_dir, model, tokenizer, conf.model, dataclasses.asdict(conf.data), condition,
+                     lines=lines)
         log.info("exported the model to %s", result.export_dir)
     report.log_summary(trainer, result.checkpoint, result.export_dir, result.test)
     if conf.show_samples and trainer.is_global_zero:
-        report.log_samples(model, tokenizer, dataclasses.asdict(conf.data), conf.seed)
+        report.log_samples(model, tokenizer, dataclasses.asdict(conf.data), conf.seed, condition)
     if trainer.is_global_zero:
         sweep.mark_finished(run_dir, cfg, result.best_val_loss, result.last_val_loss, trainer.global_step)
     return result

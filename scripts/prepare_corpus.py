@@ -5,6 +5,8 @@
     python scripts/prepare_corpus.py --source path/to/chinese-poetry/   # an unpacked package or git checkout
     python scripts/prepare_corpus.py --from-jsonl ../shared/corpus/poetry --out data/poetry   # a ready corpus
     python scripts/prepare_corpus.py --source chinese-poetry-2.0.1.tgz --full --out data/poetry_full
+    python scripts/prepare_corpus.py --from-jsonl data/poetry --poet 白居易 --out data/poet-baijuyi \
+        --exclude lingmao/corpus/poetry_sample/train.jsonl     # one poet's works, split for fine-tuning
 
 Without --full: OUT/train.jsonl and OUT/test.jsonl, one {"text", "title", "author", "source"} object a line:
 Tang shi, Song ci, Shijing, Chuci and Lunyu (`data=poetry`). The split is fixed by a hash of each record (about
@@ -19,12 +21,19 @@ Left out: anthologies of poems the collections already hold (Tang 300, Song ci 3
 Qianjiashi), the second edition of the Tang corpus (yudingquantangshi: the same poems with variant characters,
 which would put near-copies of training poems into validation and test), records the package marks as errors,
 and tables without text (ranks, tone patterns, authors).
+
+With --poet NAME (and --from-jsonl, any folder of .jsonl files): the records of one poet (the `author` field,
+compared after converting both to simplified characters), each text once, into OUT/train.jsonl and
+OUT/test.jsonl: a text goes to the test when a hash of it falls in the first --test-fraction (default 0.1) of
+the range and it is in none of the --exclude files (the training data of the model to be fine-tuned, which must
+not have seen a test poem). For fine-tuning on one poet's works (docs/training.md, scripts/bench_finetune.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -34,6 +43,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 LICENCE = (
     "Source: the chinese-poetry package (MIT licence, copyright 2016 JackeyGao). The texts are in the public domain."
@@ -223,6 +233,66 @@ def build_from_package(source: Path) -> tuple[list[str], list[str]]:
     return train, test
 
 
+@functools.cache
+def _simplified(text: str) -> str:
+    import opencc
+
+    return _t2s(opencc).convert(text)
+
+
+@functools.cache
+def _t2s(opencc: Any) -> Any:
+    return opencc.OpenCC("t2s")
+
+
+def poet_split(lines: list[str], poet: str, test_fraction: float,
+               exclude: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """(train, test) JSONL lines of `poet`'s records among `lines` (see the module docstring)."""
+    name = _simplified(poet)
+    train: list[str] = []
+    test: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        record = json.loads(line)
+        text = record.get("text")
+        if not isinstance(text, str) or text in seen or _simplified(str(record.get("author") or "")) != name:
+            continue
+        seen.add(text)
+        held_out = split_of(text, 0.0, test_fraction) == "test" and text not in (exclude or set())
+        (test if held_out else train).append(line)
+    return train, test
+
+
+def corpus_lines(folder: Path) -> list[str]:
+    """The lines of every .jsonl file under `folder`, in name order."""
+    return [line for path in sorted(folder.rglob("*.jsonl")) for line in read_lines(path)]
+
+
+def _poet_main(args: argparse.Namespace) -> int:
+    if args.from_jsonl is None or args.out is None:
+        print("error: --poet needs --from-jsonl (a corpus folder) and --out", file=sys.stderr)
+        return 2
+    fraction = 0.1 if args.test_fraction is None else args.test_fraction
+    exclude = {json.loads(line).get("text") for path in args.exclude for line in read_lines(path)}
+    lines = corpus_lines(args.from_jsonl)
+    train, test = poet_split(lines, args.poet, fraction, exclude)
+    if not train:
+        import difflib
+
+        authors = sorted({str(json.loads(line).get("author") or "") for line in lines})
+        close = difflib.get_close_matches(args.poet, authors, n=5, cutoff=0.4)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        print(f"error: --poet {args.poet}: no training record of this author in {args.from_jsonl}{hint}",
+              file=sys.stderr)
+        return 2
+    write_jsonl(args.out / "train.jsonl", train)
+    write_jsonl(args.out / "test.jsonl", test)
+    chars = [sum(len(json.loads(line)["text"]) for line in part) for part in (train, test)]
+    print(f"{args.out}: {args.poet}: {len(train)} training records ({chars[0]:,} characters), {len(test)} test "
+          f"records ({chars[1]:,} characters; none in {len(args.exclude)} excluded file(s))")
+    return 0
+
+
 def read_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -236,12 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=Path, help="also write the small sample corpus here")
     p.add_argument("--full", action="store_true", help="every text collection, into OUT/train, OUT/val, OUT/test")
     p.add_argument("--val-fraction", type=float, default=0.02, help="--full: share of texts for validation")
-    p.add_argument("--test-fraction", type=float, default=0.02, help="--full: share of texts for the test")
+    p.add_argument("--test-fraction", type=float, help="share of texts for the test: --full 0.02, --poet 0.1")
+    p.add_argument("--poet", help="one author's records, split train / test (with --from-jsonl and --out)")
+    p.add_argument("--exclude", type=Path, nargs="*", default=[], help="--poet: texts of these files are never test")
     args = p.parse_args(argv)
+    if args.poet:
+        return _poet_main(args)
     if args.source is not None and not args.source.exists():
         print(f"error: {args.source}: not found (run `npm pack chinese-poetry` first)", file=sys.stderr)
         return 2
     if args.full:
+        args.test_fraction = 0.02 if args.test_fraction is None else args.test_fraction
         if args.source is None or args.out is None or args.sample is not None:
             print("error: --full needs --source and --out (and no --sample)", file=sys.stderr)
             return 2

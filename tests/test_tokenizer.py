@@ -28,6 +28,7 @@ EDGE_CASES = [
     "a<eos>b<<bos>>c<BOS><bo s><eos",  # and only exact ones
     "\ufdd0\ufdd1\ufdd2\ufdd3",  # the noncharacters the encoder uses as markers, as characters of a text
     "\ufdd2<eos>\ufdd3",
+    "\ufdd4\ufdd5\ufdd6\ufdd7<title><author><keywords><body>",  # the header's markers and tokens, as text
     " \t\n\n　",  # whitespace of all kinds
     "x" * 5000,  # a long document
 ]

@@ -48,7 +48,7 @@ from lingmao.io import file_lock, file_sha256
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the noncharacters U+FDD4..U+FDD7 became header markers (lingmao.data.condition)
 DOC_DTYPE = np.dtype([("end", "<i8"), ("chars", "<i8"), ("hash", "<u4")])
 _WIDE = np.dtype("<u4")
 
@@ -199,7 +199,8 @@ class _EntryWriter:
         self.symbols_out = open(folder / "symbols.bin", "wb")
         self.docs_out = open(folder / "docs.bin", "wb")
 
-    def add(self, values: np.ndarray, lengths: np.ndarray, texts: Sequence[str]) -> None:
+    def add(self, values: np.ndarray, lengths: np.ndarray, texts: Sequence[str],
+            hashes: np.ndarray | None = None) -> None:
         local = self.local[values]
         if local.min() < 0:  # symbols this file has not had yet
             unseen = values[local < 0]
@@ -218,7 +219,7 @@ class _EntryWriter:
         docs = np.empty(len(lengths), dtype=DOC_DTYPE)
         docs["end"] = self.tokens + np.cumsum(lengths)
         docs["chars"] = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-        docs["hash"] = document_hashes(texts)
+        docs["hash"] = document_hashes(texts) if hashes is None else hashes
         self.docs_out.write(docs)
         self.tokens += int(lengths.sum())
         self.documents += len(lengths)
@@ -264,12 +265,16 @@ def _build(path: Path, source: TextSource, folder: Path, tokenizer: Tokenizer | 
             if not texts:
                 continue
             if tokenizer is None:
-                values, lengths = text_symbols(texts)
+                values, lengths = text_symbols(texts, source.headed)
+            elif source.headed:
+                raise LingmaoError("data.condition needs a character tokenizer; data.tokenizer_path is of another kind")
             else:
                 encodings = tokenizer.encode_batch(texts)
                 lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
                 values = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
-            writer.add(values, lengths, texts)
+            # The hash that picks validation documents is the text's, without its header: the same poem under
+            # two titles is on one side of the split.
+            writer.add(values, lengths, texts, document_hashes(source.bodies(texts)) if source.headed else None)
     except BaseException:
         writer.abort()
         raise

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from lingmao.checks import check_fields, choice, number
+from lingmao.data.condition import field_problems
 from lingmao.data.reading import CONVERSIONS, TXT_MODES, input_problems
 from lingmao.errors import LingmaoError
 
@@ -45,6 +46,10 @@ class DataConfig:
     txt_mode: str = choice("block", *TXT_MODES)  # .txt: a document per blank-line separated block, or per file
     convert: str = choice("none", *CONVERSIONS)  # OpenCC, before tokenizing and when generating
     on_bad_line: str = choice("error", "error", "skip")
+    # A header before each text (lingmao.data.condition, docs/data.md): any of title, author, keywords.
+    condition: list[str] = dataclasses.field(default_factory=list)
+    condition_keywords: int = number(3, ge=1, le=16)  # at most this many keywords a text (TF-IDF)
+    condition_dropout: float = number(0.1, ge=0, lt=1)  # each header field left out with this probability
     min_frequency: int = number(1, ge=1)  # characters seen fewer times become <unk>
     num_workers: int = number(0, ge=0)  # loader worker processes; also files tokenized in parallel
 
@@ -99,6 +104,11 @@ def rule_problems(data: dict[str, Any]) -> list[str]:
         out.append("data.train_file: a value is required (e.g. data.train_file=path/to/file.jsonl)")
     if data.get("template"):
         out += template_problems(data["template"])
+    condition = list(data.get("condition") or [])
+    out += field_problems(condition)
+    if condition and data.get("template"):
+        out.append("data.condition and data.template: choose one (the header carries the title; the template puts "
+                   "fields into the text)")
     return out
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -23,6 +25,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from lingmao.data.cache import CacheEntry, TokenFile, conversion_version, open_caches
+from lingmao.data.condition import conditioning, document_frequencies, header_values
 from lingmao.data.config import DataConfig
 from lingmao.data.reading import TextSource, input_files, is_txt
 from lingmao.data.tokenizer import (
@@ -64,7 +67,8 @@ class LMDataModule(L.LightningDataModule):
         self.batch_size = cfg.batch_size  # what the train loader uses; night mode changes it between epochs
         self.stride = cfg.stride or cfg.context_length
         self.eval_stride = cfg.eval_stride or cfg.context_length
-        self.source = TextSource(cfg.text_key, cfg.template, cfg.convert, cfg.on_bad_line, cfg.txt_mode)
+        self.source = TextSource(cfg.text_key, cfg.template, cfg.convert, cfg.on_bad_line, cfg.txt_mode,
+                                 conditioning(cfg.condition, cfg.condition_keywords, cfg.condition_dropout))
         self.pin_memory = pin_memory
         self.seed = seed
         self.tokenizer: Tokenizer | None = None
@@ -98,9 +102,57 @@ class LMDataModule(L.LightningDataModule):
 
     def _char_entries(self, which: str) -> list[CacheEntry]:
         if which not in self._entries:
+            self._count_keywords()
             self._entries[which] = open_caches(self.files(which), self.source, self.token_dir, None,
                                                self.cfg.num_workers)
         return self._entries[which]
+
+    def _count_keywords(self) -> None:
+        """Keywords are chosen by TF-IDF over the training texts: count them (plain texts, cached) first."""
+        cond = self.source.condition
+        if cond is None or not cond.needs_frequencies:
+            return
+        entries = open_caches(self.files("train"), self.source.plain(), self.token_dir, None, self.cfg.num_workers)
+        self.source.condition = cond.with_frequencies(*document_frequencies(entries))
+
+    def use_keyword_statistics(self, record: dict[str, Any] | None) -> None:
+        """Choose keywords by the document frequencies of another model's training set (its export's record), so
+        that a fine-tuned model's keywords mean what its source's meant; without them, by this training set's."""
+        cond = self.source.condition
+        if cond is not None and "keywords" in cond.fields and (record or {}).get("frequencies"):
+            self.source.condition = cond.with_frequencies(record["frequencies"], record.get("documents", 0))
+            self._entries.clear()
+            self._token_files.clear()
+
+    def condition_record(self) -> dict[str, Any] | None:
+        """What an export records of the conditioning: the `data.condition*` settings, the keyword statistics
+        and the authors of the training documents' headers (the validation documents left out) with their
+        counts, most frequent first."""
+        cond = self.source.condition
+        if cond is None:
+            return None
+        self._count_keywords()
+        record = self.source.condition.record()
+        if "author" in cond.fields:
+            entries = self._char_entries("train")
+            masks = validation_masks(self.token_files("train"), self.cfg.val_fraction) if (
+                not self.files("val") and self.cfg.val_fraction > 0) else [None] * len(entries)
+            authors: Counter[str] = Counter()
+            for entry, mask in zip(entries, masks, strict=True):
+                authors.update(header_values(entry, "author", None if mask is None else ~mask))
+            record["authors"] = dict(sorted(authors.items(), key=lambda kv: (-kv[1], kv[0])))
+        return record
+
+    def use_tokenizer(self, tok: Tokenizer) -> None:
+        """Train and test with `tok` (e.g. the tokenizer of the model a run starts from) instead of
+        `data.tokenizer_path` or a new one."""
+        self.tokenizer = tok
+        self._encoder = FastEncoder.for_tokenizer(tok)
+        self._token_files.clear()
+
+    def symbol_counts(self, which: str = "train") -> np.ndarray:
+        """How often each symbol (character or marker, `lingmao.data.tokenizer`) occurs in input `which`."""
+        return sum(e.symbol_counts() for e in self._char_entries(which))
 
     def token_files(self, which: str) -> list[TokenFile]:
         """The tokens of every file of input `which` (read and cached on first use)."""
@@ -298,6 +350,8 @@ def default_tokenizer_path(d: DataConfig, cache_dir: str | Path) -> Path:
     h.update(f"{d.text_key}|{d.template}|{d.convert}|{d.min_frequency}".encode())
     if d.convert != "none":  # another OpenCC release may convert (and so count) characters otherwise
         h.update(f"|{conversion_version(d.convert)}".encode())
+    if d.condition:  # the header tokens are in the vocabulary
+        h.update(f"|condition:{sorted(d.condition)}".encode())
     if any(is_txt(p) for p in files):
         h.update(f"|txt:{d.txt_mode}".encode())
     name = files[0].name if len(files) == 1 else f"{files[0].name}+{len(files) - 1}"

@@ -27,11 +27,14 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from lingmao.errors import LingmaoError
+
+if TYPE_CHECKING:
+    from lingmao.data.condition import Conditioning
 
 CONVERSIONS = ("none", "t2s", "s2t")
 TXT_MODES = ("block", "file")
@@ -40,6 +43,7 @@ MAX_SHOWN_BAD_LINES = 5
 CHUNK_BYTES = 4 << 20  # whole lines read and parsed at a time
 BOM = b"\xef\xbb\xbf"
 _GLOB_CHARS = frozenset("*?[")
+Header = Callable[[dict], str]  # a JSONL line's fields -> what goes before its text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +198,8 @@ def _split_lines(chunk: bytes) -> list[bytes]:
     return lines
 
 
-def _jsonl_line(raw: bytes, lineno: int, text_key: str, template: str | None, bad: _BadLines) -> str | None:
+def _jsonl_line(raw: bytes, lineno: int, text_key: str, template: str | None, bad: _BadLines,
+                header: Header | None = None) -> str | None:
     """The document of one line (None: blank or skipped). The reference for what a line means."""
     if raw.startswith(BOM):  # a BOM: at the start of the file, or of files joined with cat
         raw = raw[3:]
@@ -233,6 +238,8 @@ def _jsonl_line(raw: bytes, lineno: int, text_key: str, template: str | None, ba
         if not isinstance(text, str):
             bad(lineno, f"key '{text_key}' is a {type(text).__name__}, not a string")
             return None
+    if header is not None:
+        text = header(record) + text
     if "\\u" in line and not _encodable(text):
         bad(lineno, "the text holds an unpaired surrogate escape (\\ud800-\\udfff), which is not a character")
         return None
@@ -259,32 +266,38 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _fast_jsonl(chunk: bytes, lines: list[bytes], text_key: str) -> list[str] | None:
+def _fast_jsonl(chunk: bytes, lines: list[bytes], text_key: str, header: Header | None = None) -> list[str] | None:
     """The documents of a chunk of ordinary lines, or None when anything in it needs `_jsonl_line`."""
     try:  # map(): C loops; a blank line is invalid JSON to orjson, so the chunk goes the careful way
-        texts = list(map(operator.itemgetter(text_key), map(orjson.loads, lines)))
+        if header is None:
+            texts = list(map(operator.itemgetter(text_key), map(orjson.loads, lines)))
+        else:
+            records = list(map(orjson.loads, lines))
+            texts = list(map(operator.itemgetter(text_key), records))
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         return None
     if set(map(type, texts)) - {str}:
         return None  # a text that is not a string
+    if header is not None:
+        texts = [header(r) + t for r, t in zip(records, texts, strict=True)]
     if b"\\r" in chunk or b"\\u000" in chunk:  # only escapes put a carriage return into a JSON string
         return [t.replace("\r\n", "\n") for t in texts]
     return texts
 
 
 def _jsonl_chunks(path: Path, text_key: str, template: str | None, bad: _BadLines, report: ReadReport,
-                  on_disk: Callable[[int], None] | None) -> Iterator[list[str]]:
+                  on_disk: Callable[[int], None] | None, header: Header | None = None) -> Iterator[list[str]]:
     first = 1  # the number of the chunk's first line
     for chunk in _line_chunks(path, CHUNK_BYTES, on_disk):
         report.bytes_read += len(chunk)
         lines = _split_lines(chunk)
         if first == 1 and lines and lines[0].startswith(BOM):
             lines[0] = lines[0][3:]
-        texts = _fast_jsonl(chunk, lines, text_key) if template is None else None
+        texts = _fast_jsonl(chunk, lines, text_key, header) if template is None else None
         if texts is None:
             texts = [
                 text for i, raw in enumerate(lines)
-                if (text := _jsonl_line(raw, first + i, text_key, template, bad)) is not None
+                if (text := _jsonl_line(raw, first + i, text_key, template, bad, header)) is not None
             ]
         report.documents += len(texts)
         first += len(lines)
@@ -355,14 +368,17 @@ def document_chunks(
     report: ReadReport | None = None,
     txt_mode: str = "block",
     on_disk: Callable[[int], None] | None = None,
+    header: Header | None = None,
 ) -> Iterator[list[str]]:
-    """The documents of `path` in lists (one a chunk of the file), as `iter_documents` yields them one by one."""
+    """The documents of `path` in lists (one a chunk of the file), as `iter_documents` yields them one by one.
+
+    `header(record)` (JSONL only) is put before the text of each line (`lingmao.data.condition`)."""
     path = Path(path)
     report = report if report is not None else ReadReport()
     bad = _BadLines(path, on_bad_line, report)
     if is_txt(path):
         return _txt_chunks(path, txt_mode, bad, report, on_disk)
-    return _jsonl_chunks(path, text_key, template or None, bad, report, on_disk)
+    return _jsonl_chunks(path, text_key, template or None, bad, report, on_disk, header)
 
 
 def iter_documents(
@@ -412,16 +428,37 @@ def convert_all(convert: Callable[[str], str], texts: list[str]) -> list[str]:
 
 
 class TextSource:
-    """How the documents of a file are made: key or template, conversion, bad-line policy, .txt mode."""
+    """How the documents of a file are made: key or template, conversion, bad-line policy, .txt mode, and the
+    conditioning header (`lingmao.data.condition`) put before each text."""
 
     def __init__(self, text_key: str = "text", template: str | None = None, convert: str = "none",
-                 on_bad_line: str = "error", txt_mode: str = "block") -> None:
+                 on_bad_line: str = "error", txt_mode: str = "block", condition: Conditioning | None = None) -> None:
         self.text_key = text_key
         self.template = template or None
         self.convert = convert or "none"
         self.on_bad_line = on_bad_line
         self.txt_mode = txt_mode
+        self.condition = condition
+        if condition is not None and self.template:
+            raise LingmaoError("data.condition and data.template: choose one (the header carries the title)")
         self._converter = make_converter(self.convert)
+
+    @property
+    def headed(self) -> bool:
+        """Whether every document starts with a conditioning header."""
+        return self.condition is not None
+
+    def plain(self) -> TextSource:
+        """The same documents without their headers."""
+        return TextSource(self.text_key, self.template, self.convert, self.on_bad_line, self.txt_mode)
+
+    def bodies(self, texts: list[str]) -> list[str]:
+        """The texts without their headers."""
+        if self.condition is None:
+            return texts
+        from lingmao.data.condition import BODY_MARK
+
+        return [t.partition(BODY_MARK)[2] for t in texts]
 
     def __getstate__(self) -> dict[str, Any]:  # an OpenCC converter does not pickle: it is made again
         return {k: v for k, v in self.__dict__.items() if k != "_converter"}
@@ -433,16 +470,27 @@ class TextSource:
     def key(self, path: Path | None = None) -> str:
         """What the documents of `path` depend on besides its bytes (part of every cache key)."""
         if path is not None and is_txt(path):
-            return json.dumps(["txt", self.txt_mode, self.convert])
-        return json.dumps([self.text_key, self.template, self.convert])
+            key = ["txt", self.txt_mode, self.convert]
+        else:
+            key = [self.text_key, self.template, self.convert]
+        if self.condition is not None:
+            key.append(self.condition.key())
+        return json.dumps(key)
 
     def chunks(self, path: Path, report: ReadReport | None = None,
                on_disk: Callable[[int], None] | None = None) -> Iterator[list[str]]:
-        """The documents of `path`, converted, in lists (one a chunk of the file)."""
-        chunks = document_chunks(path, self.text_key, self.template, self.on_bad_line, report, self.txt_mode, on_disk)
-        if self._converter is None:
-            return chunks
-        return (convert_all(self._converter, texts) for texts in chunks)
+        """The documents of `path`, converted (and with their headers), in lists (one a chunk of the file)."""
+        cond = self.condition
+        header = cond.raw_header if cond is not None else None
+        chunks = document_chunks(path, self.text_key, self.template, self.on_bad_line, report, self.txt_mode, on_disk,
+                                 header)
+        if cond is not None and is_txt(path):
+            chunks = ([cond.raw_header({}) + t for t in texts] for texts in chunks)
+        if self._converter is not None:
+            chunks = (convert_all(self._converter, texts) for texts in chunks)
+        if cond is not None:
+            chunks = ([cond.finish(t) for t in texts] for texts in chunks)
+        return chunks
 
     def texts(self, path: Path, report: ReadReport | None = None) -> Iterator[str]:
         """The documents of `path`, converted, one by one."""

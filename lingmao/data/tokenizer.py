@@ -4,14 +4,20 @@ Classical Chinese has no spaces and most characters are words or morphemes, so e
 token; punctuation, spaces and newlines are kept as tokens of their own. Every document is wrapped as
 `<bos> text <eos>`; characters never seen in training map to `<unk>`. The tokenizer.json is the definition.
 
+A model trained with `data.condition` also has the header tokens `<title> <author> <keywords> <body>`
+(`lingmao.data.condition`). They are entries of the vocabulary but not added tokens of the tokenizer.json, whose
+pre-tokenizer splits every text into single characters: no text can ever encode to one of them. Only the header
+that `lingmao.data.condition` writes (as markers, below) becomes these tokens.
+
 Encoding it one regex match at a time runs at a few MB/s, so texts are encoded in two vectorised steps:
 
 1. `text_symbols`: the texts become *symbols*: their code points (numpy, from UTF-32), with the start and end
    of every document and each special-token string found in a text (`<eos>` typed in a poem is the `<eos>`
-   token, as in the tokenizer.json) as markers. The markers are the noncharacters U+FDD0..U+FDD3, which
-   Unicode keeps for a program's internal use; a text holding one of them (legal, and rare) has it moved
-   to a symbol above the Unicode range. Symbols do not depend on the vocabulary, which is why the token
-   caches keep them (`lingmao.data.cache`).
+   token, as in the tokenizer.json) as markers. The markers are the noncharacters U+FDD0..U+FDD7 (the four
+   special tokens, then the four header tokens), which Unicode keeps for a program's internal use; a text
+   holding one of them (legal, and rare) has it moved to a symbol above the Unicode range. In a document
+   with a header (`headed=True`), the header markers up to the first `<body>` marker are the header's. Symbols
+   do not depend on the vocabulary, which is why the token caches keep them (`lingmao.data.cache`).
 2. `FastEncoder.table`: symbol -> token id, one lookup table made from the tokenizer's vocabulary.
 
 `FastEncoder.for_tokenizer` accepts only tokenizers whose encoding this reproduces exactly (checked on the
@@ -40,15 +46,24 @@ log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
+TITLE, AUTHOR, KEYWORDS, BODY = "<title>", "<author>", "<keywords>", "<body>"
+HEADER_TOKENS = [TITLE, AUTHOR, KEYWORDS, BODY]  # the conditioning header (lingmao.data.condition)
+RESERVED = SPECIAL_TOKENS + HEADER_TOKENS
 SPLIT_PATTERN = r"[\s\S]"  # one token per character, newlines included
 
 CODE_POINTS = 0x110000
-MARKERS = 0xFDD0  # the symbol of SPECIAL_TOKENS[k] is MARKERS + k (a noncharacter)
+MARKERS = 0xFDD0  # the symbol of RESERVED[k] is MARKERS + k (a noncharacter)
 ESCAPED = CODE_POINTS  # the character MARKERS + k, when a text holds it, is the symbol ESCAPED + k
-NUM_SYMBOLS = ESCAPED + len(SPECIAL_TOKENS)
+NUM_SYMBOLS = ESCAPED + len(RESERVED)
 DOC_START = MARKERS + SPECIAL_TOKENS.index(BOS)
 DOC_END = MARKERS + SPECIAL_TOKENS.index(EOS)
+BODY_MARKER = MARKERS + RESERVED.index(BODY)
 _START, _END = chr(DOC_START), chr(DOC_END)
+
+
+def marker(token: str) -> str:
+    """The character that stands for a reserved token in a text with a header (`text_symbols(headed=True)`)."""
+    return chr(MARKERS + RESERVED.index(token))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,19 +99,23 @@ def train_tokenizer_from_counts(counts: np.ndarray, documents: int, min_frequenc
 
     `counts` has one entry per symbol (NUM_SYMBOLS); `documents` is how many documents they came from (each
     adds one start and one end marker). HF's trainer sees special-token strings in a text as characters, so
-    their markers count for the characters they are made of.
+    their markers count for the characters they are made of. The header tokens the documents use (texts
+    with a conditioning header) follow the special tokens; without headers the vocabulary is `train_tokenizer`'s.
     """
-    counts = np.asarray(counts, dtype=np.int64)
+    counts = np.pad(np.asarray(counts, dtype=np.int64), (0, max(0, NUM_SYMBOLS - len(counts))))
     chars = counts[:CODE_POINTS].copy()
-    for k, token in enumerate(SPECIAL_TOKENS):
-        in_text = int(counts[MARKERS + k]) - (documents if token in (BOS, EOS) else 0)
+    for k, token in enumerate(RESERVED):
         chars[MARKERS + k] = counts[ESCAPED + k]
-        for ch in token:
-            chars[ord(ch)] += in_text
+        if token in SPECIAL_TOKENS:
+            in_text = int(counts[MARKERS + k]) - (documents if token in (BOS, EOS) else 0)
+            for ch in token:
+                chars[ord(ch)] += in_text
     kept = np.flatnonzero(chars >= max(min_frequency, 1))
     kept = kept[np.lexsort((kept, -chars[kept]))]  # by count, most frequent first; ties by code point
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab.update((chr(c), len(SPECIAL_TOKENS) + i) for i, c in enumerate(kept.tolist()))
+    headers = [t for k, t in enumerate(HEADER_TOKENS, len(SPECIAL_TOKENS)) if counts[MARKERS + k] > 0]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + headers)}
+    first = len(vocab)
+    vocab.update((chr(c), first + i) for i, c in enumerate(kept.tolist()))
     tok = _char_tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.add_special_tokens(SPECIAL_TOKENS)
     return _add_document_template(tok)
@@ -125,6 +144,12 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     return {name.strip("<>"): tok.token_to_id(name) for name in SPECIAL_TOKENS}
 
 
+def header_ids(tok: Tokenizer) -> dict[str, int]:
+    """{'title': id, 'author': id, 'keywords': id, 'body': id}: the header tokens the vocabulary has."""
+    found = {name.strip("<>"): tok.token_to_id(name) for name in HEADER_TOKENS}
+    return {name: i for name, i in found.items() if i is not None}
+
+
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     """Write atomically (temporary file + rename), so a half-written tokenizer.json is never read."""
     atomic_write_bytes(Path(path), tok.to_str(pretty=False).encode("utf-8"))
@@ -142,20 +167,30 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
 _SPECIAL_CODES = [np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32) for t in SPECIAL_TOKENS]
 
 
-def text_symbols(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def text_symbols(texts: Sequence[str], headed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(symbols, lengths): the symbols of `<bos> text <eos>` for every text, joined (uint32), and how many
-    belong to each text. One symbol per character except special-token strings, one symbol each."""
+    belong to each text. One symbol per character except special-token strings, one symbol each.
+
+    `headed`: each text starts with a conditioning header (`lingmao.data.condition`): its marker characters,
+    up to and including the first `<body>` marker, are the header tokens, and its field values are taken as
+    they are (no special-token strings); the rest of the text is read like any other."""
     joined = _START + (_END + _START).join(texts) + _END
     try:
         symbols = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
     except UnicodeEncodeError:
         raise ValueError("a text holds a surrogate code point (\\ud800-\\udfff), which is not a character") from None
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 2
-    if np.count_nonzero(symbols - np.uint32(MARKERS) < len(SPECIAL_TOKENS)) != 2 * len(texts):
-        symbols = _escape_marker_characters(symbols, lengths)
+    header = _header_positions(symbols, lengths) if headed else None
+    reserved = np.count_nonzero(symbols - np.uint32(MARKERS) < len(RESERVED))
+    if reserved != 2 * len(texts) + (np.count_nonzero(_reserved(symbols[header])) if header is not None else 0):
+        symbols = _escape_marker_characters(symbols, lengths, header)
     if "<" in joined:
-        symbols, lengths = _mark_special_strings(symbols, lengths)
+        symbols, lengths = _mark_special_strings(symbols, lengths, header)
     return symbols, lengths
+
+
+def _reserved(codes: np.ndarray) -> np.ndarray:
+    return codes - np.uint32(MARKERS) < len(RESERVED)
 
 
 def _bounds(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,21 +198,38 @@ def _bounds(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ends - lengths + 1, ends
 
 
-def _escape_marker_characters(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Characters U+FDD0..U+FDD3 inside the texts become ESCAPED + k, so that only markers are markers."""
+def _header_positions(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """bool per symbol: inside a document's header (after its start marker, up to its first `<body>` marker)."""
+    starts, _ = _bounds(lengths)
+    body = np.flatnonzero(codes == BODY_MARKER)
+    doc = np.searchsorted(starts, body, side="right") - 1
+    docs, first = np.unique(doc, return_index=True)
+    delta = np.zeros(len(codes) + 1, dtype=np.int64)
+    np.add.at(delta, starts[docs] + 1, 1)
+    np.add.at(delta, body[first] + 1, -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
+def _escape_marker_characters(codes: np.ndarray, lengths: np.ndarray, header: np.ndarray | None = None) -> np.ndarray:
+    """Characters U+FDD0..U+FDD7 inside the texts (not a header's) become ESCAPED + k: only markers are markers."""
     starts, ends = _bounds(lengths)
-    inside = codes - np.uint32(MARKERS) < len(SPECIAL_TOKENS)
+    inside = _reserved(codes)
     inside[starts] = False
     inside[ends] = False
+    if header is not None:
+        inside &= ~header
     symbols = codes.copy()
     symbols[inside] += ESCAPED - MARKERS
     return symbols
 
 
-def _mark_special_strings(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each `<pad>` `<unk>` `<bos>` `<eos>` in a text becomes its marker. They begin with '<' and hold no other
-    '<' or '>', so occurrences never overlap and none spans two texts (joined with markers)."""
+def _mark_special_strings(codes: np.ndarray, lengths: np.ndarray,
+                          header: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each `<pad>` `<unk>` `<bos>` `<eos>` in a text (not in a header) becomes its marker. They begin with '<' and
+    hold no other '<' or '>', so occurrences never overlap and none spans two texts (joined with markers)."""
     at = np.flatnonzero(codes == ord("<"))
+    if header is not None:
+        at = at[~header[at]]
     starts, _ = _bounds(lengths)
     symbols = codes.copy()
     keep = np.ones(len(codes), dtype=bool)
@@ -217,15 +269,16 @@ class FastEncoder:
         if chars:
             codes, ids = np.array(chars, dtype=np.int64).T
             table[codes] = ids
-        for k, token in enumerate(SPECIAL_TOKENS):
+        for k, token in enumerate(RESERVED):
             table[ESCAPED + k] = table[MARKERS + k]  # the character, should a text hold it
-            table[MARKERS + k] = tok.token_to_id(token)
+            i = tok.token_to_id(token)  # None: a header token of a vocabulary without conditioning
+            table[MARKERS + k] = unk if i is None else i
         return cls(table)
 
-    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], headed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids, lengths): the ids of every text joined, and how many belong to each; the same as
-        `[tok.encode(t).ids for t in texts]` flattened."""
-        symbols, lengths = text_symbols(texts)
+        `[tok.encode(t).ids for t in texts]` flattened (`headed`: texts with a header, see `text_symbols`)."""
+        symbols, lengths = text_symbols(texts, headed)
         return self.table[symbols], lengths
 
 

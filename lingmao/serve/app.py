@@ -49,6 +49,7 @@ STATIC = Path(__file__).parent / "static"
 JSON_BODY = {"requestBody": {"required": False,
                              "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}}
 GONE = "cancelled: the client went away"
+MAX_AUTHORS_SHOWN = 2000  # the page's list of authors to choose from; any author of the model is accepted
 
 
 class Refused(Exception):
@@ -68,6 +69,9 @@ def model_info(lm: Any, name: str) -> dict[str, Any]:
         "vocab_size": lm.tokenizer.get_vocab_size(),
         "context_length": (config.get("data") or {}).get("context_length"),
         "device": str(lm.device),
+        # data.condition: the header fields the page offers, and the authors (most poems first)
+        "condition": (config.get("condition") or {}).get("fields") or [],
+        "authors": list((config.get("condition") or {}).get("authors") or {})[:MAX_AUTHORS_SHOWN],
     }
 
 

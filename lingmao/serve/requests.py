@@ -31,6 +31,9 @@ class GenerateRequest(BaseModel):
     tune: str | None = Field(None, max_length=32, description="a ci tune, e.g. 浣溪沙 (implies form=ci)")
     acrostic: str | None = Field(None, max_length=16, description="藏头: line i starts with character i")
     title: str | None = None
+    author: str | None = Field(None, max_length=32, description="a poet the model was conditioned on")
+    keywords: list[str] | None = Field(None, max_length=8, description="keywords of the header, e.g. [\"月\", \"霜\"]")
+    enforce_keywords: bool = Field(False, description="each keyword appears in every sample, by construction")
     rhyme: str | None = Field(None, max_length=16, description="pingshui | modern | none")
     tones: str | None = Field(None, max_length=16, description="strict | lenient | off")
     pattern: str | None = Field("auto", max_length=16, description="auto | 平起 | 仄起")
@@ -71,8 +74,8 @@ def check_tune(request: GenerateRequest) -> None:
 def generation_options(request: GenerateRequest, limits: Limits) -> dict[str, Any]:
     """Keyword arguments for `LingmaoModel.generate` (seed resolved); a request over a limit is a LingmaoError."""
     check_tune(request)
-    for name in ("prompt", "title"):
-        text = getattr(request, name) or ""
+    for name in ("prompt", "title", "keywords"):
+        text = "".join(request.keywords or []) if name == "keywords" else getattr(request, name) or ""
         if len(text) > limits.max_prompt_chars:
             raise LingmaoError(
                 f"{name}: {len(text)} characters; this server takes at most {limits.max_prompt_chars} "

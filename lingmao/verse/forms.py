@@ -533,18 +533,22 @@ class _State:
     def allowed(self, k: int) -> torch.Tensor:
         allowed = torch.zeros(self.batch, self.c.size, dtype=torch.bool, device=self.device)
         for vi in range(len(self.c.variants)):
-            m = self.tone_masks[self.needs(vi, k)]
-            at = self.rhyme_at[vi].get(k)
-            if at is not None:
-                s, t = at
-                m = m & ((self.live[vi][:, s, :].float() @ self.rhyme_float[t]) > 0)
-            allowed |= m & self.alive[:, vi : vi + 1]
+            allowed |= self.variant_allowed(vi, k)
         if k in self.c.distinct_at:  # no 重韵: not a character that ended an earlier line that may rhyme
             ids = self.tokens[:, [p for p in self.c.distinct_at if p < k]]
             used = torch.zeros(self.batch, self.c.size + 1, dtype=torch.bool, device=self.device)
             used.scatter_(1, torch.where(ids >= 0, self.variant_of[ids.clamp(min=0)], self.c.size), True)
             allowed &= ~used[:, self.variant_of]  # every form of a used character
         return allowed
+
+    def variant_allowed(self, vi: int, k: int) -> torch.Tensor:
+        """bool [batch, V]: what variant `vi` admits at character position k (nothing where it is dead)."""
+        m = self.tone_masks[self.needs(vi, k)]
+        at = self.rhyme_at[vi].get(k)
+        if at is not None:
+            s, t = at
+            m = m & ((self.live[vi][:, s, :].float() @ self.rhyme_float[t]) > 0)
+        return m & self.alive[:, vi : vi + 1]
 
     def fold_token(self, slot_index: int, tokens: torch.Tensor) -> None:
         """Take in the tokens sampled at `slot_index`."""

@@ -93,8 +93,10 @@ class LineSet:
 
     @classmethod
     def from_files(cls, files: Sequence[Path], source: Any) -> LineSet:
-        """The lines of `files` read as training reads them (`source`: a `lingmao.data.TextSource`)."""
-        texts = (text for path in files for text in source.texts(Path(path)))
+        """The lines of `files` read as training reads them (`source`: a `lingmao.data.TextSource`), without the
+        conditioning headers."""
+        plain = source.plain()
+        texts = (text for path in files for text in plain.texts(Path(path)))
         return cls.from_texts(texts, [str(Path(f).resolve()) for f in files])
 
     def __len__(self) -> int:

@@ -19,6 +19,9 @@ async function loadInfo() {
   ci.label = "词 ci tunes";
   for (const t of info.tunes) ci.append(new Option(`${t.name} (${t.characters}字)`, `ci:${t.name}`));
   select.append(shi, ci);
+  const fields = m.condition || [];
+  document.querySelectorAll(".condition-author").forEach((el) => el.classList.toggle("hidden-option", !fields.includes("author")));
+  for (const name of m.authors || []) $("authors").append(new Option(name));
   $("num_samples").max = info.limits.max_samples;
   $("max_new_tokens").max = info.limits.max_new_tokens;
   showOptions();
@@ -45,6 +48,12 @@ function requestBody() {
     num_samples: Number($("num_samples").value) || 1,
   };
   if ($("title").value.trim()) body.title = $("title").value.trim();
+  if ($("author").value.trim()) body.author = $("author").value.trim();
+  const keywords = $("keywords").value.split(/[\s,，、]+/).filter((k) => k);
+  if (keywords.length) {
+    body.keywords = keywords;
+    body.enforce_keywords = $("enforce_keywords").checked;
+  }
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if (form === "") {
     body.max_new_tokens = Number($("max_new_tokens").value) || undefined;
