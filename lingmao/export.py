@@ -245,14 +245,15 @@ class LingmaoModel:
         except RuntimeError as exc:
             raise LingmaoError(f"{path}: cannot load the weights ({str(exc).splitlines()[0]})") from None
         model.to(device).eval()
-        config: dict[str, Any] = {"vocab_size": vocab_size, "model": dataclasses.asdict(model_cfg), "data": {}}
+        config: dict[str, Any] = {"vocab_size": vocab_size, "model": dataclasses.asdict(model_cfg),
+                                  **settings_of_checkpoint(ckpt)}
         lines = None
         for d in run_dirs:
             if (d / CONFIG).is_file():
                 try:
                     exported = json.loads((d / CONFIG).read_text(encoding="utf-8"))
                     config["data"] = exported.get("data") or {}
-                    if isinstance(exported, dict) and exported.get("condition"):
+                    if exported.get("condition"):
                         config["condition"] = exported["condition"]
                 except (OSError, ValueError, AttributeError):  # unreadable or not an export's: no data settings
                     exported = {}
@@ -262,6 +263,21 @@ class LingmaoModel:
             log.warning("%s: no export in its run, so no set of training lines (%s): generated verse may copy "
                         "training lines", path, LINES)
         return cls(model, tok, config, lines)
+
+
+def settings_of_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The data settings and the conditioning a training checkpoint records (`lingmao.runs`), as an export's
+    config.json keeps them; an export of the run, when there is one, is read instead (it has the keywords'
+    statistics too)."""
+    from lingmao.runs import config_of_checkpoint
+
+    recorded = config_of_checkpoint(ckpt)
+    out: dict[str, Any] = {"data": {k: recorded[f"data.{k}"] for k in DATA_KEYS if f"data.{k}" in recorded}}
+    if recorded.get("data.condition"):
+        out["condition"] = {"fields": list(recorded["data.condition"]),
+                            "keywords": recorded.get("data.condition_keywords", 3),
+                            "dropout": recorded.get("data.condition_dropout", 0.1)}
+    return out
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LingmaoModel:

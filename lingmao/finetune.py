@@ -68,6 +68,7 @@ class InitSource:
     tokenizer: Tokenizer
     model: dict[str, Any]
     config: dict[str, Any]
+    lines: Any = None  # the source's training lines (`lingmao.verse.lines.LineSet`), if its export kept them
 
     @classmethod
     def load(cls, path: str | Path) -> InitSource:
@@ -79,7 +80,7 @@ class InitSource:
             raise LingmaoError(f"init_from: {problem}")
         lm = load_model(path) if path.is_dir() else LingmaoModel.from_checkpoint(path)
         weights = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-        return cls(path, weights, lm.tokenizer, dict(lm.config["model"]), dict(lm.config))
+        return cls(path, weights, lm.tokenizer, dict(lm.config["model"]), dict(lm.config), lm.lines)
 
     def model_config(self, run_model: Any) -> Any:
         """This run's ModelConfig: the source's shape, this run's dropout and compile."""

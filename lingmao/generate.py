@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -45,7 +46,7 @@ def list_tunes() -> str:
     return "\n".join(rows + [note])
 
 
-def list_authors(lm) -> str:
+def list_authors(lm: Any) -> str:
     """The authors the model was conditioned on, one a line with the poems it saw of each, most first."""
     authors = lm.authors()
     if not authors:
@@ -115,7 +116,7 @@ def run(cfg: DictConfig) -> list[str]:
     return texts
 
 
-def _keywords(value):
+def _keywords(value: Any) -> Any:
     """keywords=[月,霜] (a Hydra list) or keywords=月 -> a list or a string for `generate`."""
     from omegaconf import ListConfig, OmegaConf
 

@@ -241,7 +241,7 @@ def prepare(
     keywords = normalize_keywords(keywords)
     for keyword in keywords:
         check_text("keywords", keyword)
-    keywords = [converter(k) for k in keywords]
+    keywords = list(dict.fromkeys(converter(k) for k in keywords))  # 雲 and 云 are one keyword after t2s
     prefix = [ids["bos"]] + _header_prefix(lm, title, author, keywords, enforce_keywords, converter)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     unknown = sorted({ch for ch, i in zip(prompt, prompt_ids, strict=False) if i == ids["unk"]})

@@ -121,6 +121,7 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
     if conf.export and trainer.is_global_zero:
         result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
         lines = LineSet.from_files(dm.files("train"), dm.source)  # what generation must not copy
+        lines = lines.union(init.lines if init is not None else None)  # and what the source model trained on
         export_model(result.export_dir, model, tokenizer, conf.model, dataclasses.asdict(conf.data), condition,
                      lines=lines)
         log.info("exported the model to %s", result.export_dir)

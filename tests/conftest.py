@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -298,3 +299,14 @@ def script_night_clock(monkeypatch: pytest.MonkeyPatch, *times: str) -> Scripted
     clock = ScriptedClock(*times)
     monkeypatch.setattr("lingmao.callbacks.night.local_time", clock)
     return clock
+
+
+@pytest.fixture(autouse=True)
+def keep_log_levels():
+    """Benchmark scripts run in-process quiet the libraries' and lingmao's loggers for their own output: every test
+    gives the next one the levels it found."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lingmao")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import re
 import sys
 from pathlib import Path
@@ -25,16 +24,6 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def keep_log_levels():
-    """The scripts quiet the libraries' and lingmao's loggers for their own output: give the next tests theirs."""
-    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lingmao")
-    levels = {name: logging.getLogger(name).level for name in names}
-    yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture

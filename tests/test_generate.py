@@ -144,6 +144,17 @@ def test_from_checkpoint(lm, model_dir, tmp_path):
     loaded = LingmaoModel.from_checkpoint(ckpt)
     kwargs = dict(max_new_tokens=20, temperature=0, context_length=64)
     assert loaded.generate("秦川", **kwargs) == lm.generate("秦川", **kwargs)
+    assert loaded.config["data"] == {} and "condition" not in loaded.config
+
+    # A run that has exported nothing yet: its data settings and header come from the config its checkpoint
+    # records, so that evaluate ckpt=... reads the texts as the run trained on them.
+    recorded = {"data.convert": "t2s", "data.context_length": 64, "data.condition": ["title", "author"],
+                "data.condition_dropout": 0.0, "model.d_model": 32}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "lingmao": {"config": recorded}}, ckpt)
+    loaded = LingmaoModel.from_checkpoint(ckpt)
+    assert loaded.config["data"] == {"convert": "t2s", "context_length": 64}
+    assert loaded.config["condition"] == {"fields": ["title", "author"], "keywords": 3, "dropout": 0.0}
 
 
 @pytest.mark.slow

@@ -55,6 +55,27 @@ def test_lines_and_their_set(tmp_path):
         LineSet.load(tmp_path / "bad")
 
 
+def test_lines_are_read_without_headers_and_sets_join(tmp_path):
+    from lingmao.data import TextSource
+    from lingmao.data.condition import MARK_OF, conditioning
+
+    # A conditioned run reads each poem with a header of its title and author: the header is no line of it.
+    path = tmp_path / "poems.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i, poem in enumerate(POEMS):
+            f.write(json.dumps({"title": "春江花月夜曲", "author": f"無名氏{i}", "text": poem}, ensure_ascii=False) + "\n")
+    headed = TextSource(condition=conditioning(["title", "author"], dropout=0.0))
+    assert all(doc.startswith(MARK_OF["title"] + "春江花月夜曲") for doc in headed.texts(path))
+    lines = LineSet.from_files([path], headed)
+    assert (lines.fingerprints == LineSet.from_texts(POEMS).fingerprints).all()
+    assert "春江花月夜曲" not in lines
+    # A fine-tuned model's set: its own training lines and its source's.
+    first, rest = LineSet.from_texts(POEMS[:2], ["a"]), LineSet.from_texts(POEMS[2:], ["b"])
+    both = first.union(rest)
+    assert all(line in both for line in TRAIN_LINES) and not all(line in first for line in TRAIN_LINES)
+    assert both.files == ["a", "b"] and first.union(None) is first
+
+
 def test_the_filter_refuses_exactly_the_completing_character():
     """Walking a 五绝's layout with the characters of a training poem: at each line end the filter refuses the
     character that completes the training line and nothing else; elsewhere it refuses nothing."""

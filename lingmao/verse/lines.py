@@ -99,6 +99,12 @@ class LineSet:
         texts = (text for path in files for text in plain.texts(Path(path)))
         return cls.from_texts(texts, [str(Path(f).resolve()) for f in files])
 
+    def union(self, other: LineSet | None) -> LineSet:
+        """The lines of both sets (a fine-tuned model must not copy its source's training lines either)."""
+        if other is None:
+            return self
+        return LineSet(np.union1d(self.fingerprints, other.fingerprints), [*self.files, *other.files])
+
     def __len__(self) -> int:
         return len(self.fingerprints)
 
