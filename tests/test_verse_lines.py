@@ -63,7 +63,8 @@ def test_lines_are_read_without_headers_and_sets_join(tmp_path):
     path = tmp_path / "poems.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for i, poem in enumerate(POEMS):
-            f.write(json.dumps({"title": "春江花月夜曲", "author": f"無名氏{i}", "text": poem}, ensure_ascii=False) + "\n")
+            record = {"title": "春江花月夜曲", "author": f"無名氏{i}", "text": poem}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     headed = TextSource(condition=conditioning(["title", "author"], dropout=0.0))
     assert all(doc.startswith(MARK_OF["title"] + "春江花月夜曲") for doc in headed.texts(path))
     lines = LineSet.from_files([path], headed)
