@@ -3,6 +3,7 @@ invocation.
 
     python scripts/bench_condition.py                       # the default run's settings, 800 steps each
     python scripts/bench_condition.py --steps 300 --set data.batch_size=8
+    python scripts/bench_condition.py --exports outputs/runs/data.condition-/export outputs/runs/default/export
 
 Trains two models on the same data for the same number of steps (`lingmao.train.train`, composed as the command
 line would, on top of the app's defaults): one without a header and one with `data.condition=[title,author,
@@ -12,7 +13,8 @@ tokens never counted. The conditioned model is scored with its whole header, wit
 empty header (it learned that too: `data.condition_dropout`). Prints one table; the unconditioned model's row
 is the baseline, so "with header" minus it is what the header buys, and "empty header" minus it is what
 conditioning costs a user who gives none (the header's share of the training tokens is the price at a fixed
-budget).
+budget). `--exports PLAIN CONDITIONED` scores two models already trained instead (e.g. the default run and the
+same command with `data.condition=[]`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="overrides for both runs")
     parser.add_argument("--output-dir", type=Path, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--exports", type=Path, nargs=2, metavar=("PLAIN", "CONDITIONED"),
+                        help="score these two exports instead of training (no header / with one)")
     args = parser.parse_args(argv)
 
     from lingmao.config import compose_config, validate
@@ -71,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         root = args.output_dir or Path(tmp)
         runs = {}
         for label, overrides in (("plain", ["data.condition=[]"]), ("condition", [f"data.condition={args.condition}"])):
+            if args.exports:
+                runs[label] = (args.exports[0 if label == "plain" else 1], None, None)
+                continue
             runs[label] = train_one(label, overrides, common, root)
             print(f"{label}: {runs[label][1]:.0f} s, test {runs[label][2]:.3f} bits/char as the run reports it",
                   flush=True)
@@ -87,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                     len(d) + 2 for d in documents)
             rows.append((f"condition={args.condition}", name, text_bits(cond, documents)))
     base = rows[0][2].bits_per_char
-    print(f"\n{args.steps} steps per run; test texts: {test_file} ({rows[0][2].documents} poems, "
-          f"{rows[0][2].characters} characters); settings: {' '.join(common)}")
+    trained = (f"exports {args.exports[0]} and {args.exports[1]}" if args.exports
+               else f"{args.steps} steps per run; settings: {' '.join(common)}")
+    print(f"\n{trained}; test texts: {test_file} ({rows[0][2].documents} poems, {rows[0][2].characters} characters)")
     print("| model | header given | text bits/char (header not counted) | vs plain |")
     print("| --- | --- | --- | --- |")
     for model, header, score in rows:
         print(f"| {model} | {header} | {score.bits_per_char:.3f} | {score.bits_per_char - base:+.3f} |")
-    print(f"wall time: plain {runs['plain'][1]:.0f} s, conditioned {runs['condition'][1]:.0f} s; the full header is "
-          f"{share:.1%} of a test poem's tokens (before field dropout)")
+    if not args.exports:
+        print(f"wall time: plain {runs['plain'][1]:.0f} s, conditioned {runs['condition'][1]:.0f} s")
+    print(f"the full header is {share:.1%} of a test poem's tokens (before field dropout)")
     return 0
 
 
