@@ -1,7 +1,7 @@
 """Fine-tuning on one poet: held-out bits per character of that poet's poems for the base model, the base model
 fine-tuned on the poet (`init_from`), and a model trained from scratch on the poet alone, in one invocation.
 
-    python scripts/bench_finetune.py --poet 白居易 --corpus /work/shared/corpus/poetry --base-steps 800 --steps 200
+    python scripts/bench_finetune.py --poet 白居易 --corpus data/poetry --base-steps 800 --steps 200
     python scripts/bench_finetune.py --poet 李白 --corpus data/poetry --base outputs/runs/default/export \\
         --exclude lingmao/corpus/poetry_sample/train.jsonl
 

@@ -1,9 +1,9 @@
 """What generated poems are worth: author control, judged by an attribution classifier, and copying, before and
 after the line filter, side by side in one invocation.
 
-    python scripts/bench_poems.py --corpus /work/shared/corpus/poetry                  # the classifier alone
+    python scripts/bench_poems.py --corpus data/poetry                  # the classifier alone
     python scripts/bench_poems.py --model-dir outputs/runs/default/export --samples 100  # + copying and 重韵
-    python scripts/bench_poems.py --corpus /work/shared/corpus/poetry --model-dir DIR --per-poet 20   # + author control
+    python scripts/bench_poems.py --corpus data/poetry --model-dir DIR --per-poet 20   # + author control
 
 1. **The classifier** (`lingmao.attribution`): fitted on the poems of the `--poets` most prolific poets of
    CORPUS/train.jsonl (the training split), scored on their poems in CORPUS/test.jsonl (held out): accuracy, and
