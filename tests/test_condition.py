@@ -339,7 +339,7 @@ def test_the_web_api_takes_a_poet_and_keywords(conditioned):
 
     from lingmao.serve.app import create_app
 
-    with TestClient(create_app(conditioned)) as client:
+    with TestClient(create_app(conditioned), base_url="http://localhost") as client:  # a host this server serves
         info = client.get("/api/info").json()["model"]
         assert info["condition"] == list(ALL) and "杜甫" in info["authors"]
         body = {"form": "wujue", "title": "春望", "author": "杜甫", "keywords": ["月", "霜"], "enforce_keywords": True,
