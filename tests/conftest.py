@@ -132,6 +132,20 @@ def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None =
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def run_modules(commands: dict[str, tuple[str, ...]], timeout: float = 300,
+                cwd: dict[str, Path] | Path | None = None) -> dict[str, subprocess.CompletedProcess]:
+    """Several `run_module(module, *args)` at once, by name (`{name: (module, *args)}`; `cwd` one folder or one
+    per name): a short run of an app is mostly its start-up, which overlaps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        module, *args = commands[name]
+        return run_module(module, *args, timeout=timeout, cwd=cwd.get(name) if isinstance(cwd, dict) else cwd)
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return dict(zip(commands, pool.map(run, commands), strict=True))
+
+
 # ----------------------------------------------------------------------------------------------
 # Tiny models
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from lingmao.export import export_model, load_model
 from lingmao.model import ModelConfig, build_model
 from lingmao.verse.checker import check
 from lingmao.verse.han import is_han
-from tests.conftest import SAMPLE, cut_corpus, run_module, tiny_overrides
+from tests.conftest import SAMPLE, cut_corpus, run_module, run_modules, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,22 +277,26 @@ def test_keywords_that_cannot_fit_are_a_one_line_error(conditioned):
 def test_a_conditioned_run_exports_and_generates_to_a_title_and_poet(tmp_path, small_corpus):
     train, test = small_corpus
     out = run_module("lingmao.train", *tiny_overrides(tmp_path, train, test, steps=10),
-                     "data.condition=[title,author,keywords]", "run_name=cond", timeout=600)
+                     "data.condition=[title,author,keywords]", "run_name=cond", timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     export = tmp_path / "outputs" / "runs" / "cond" / "export"
     record = json.loads((export / "config.json").read_text(encoding="utf-8"))["condition"]
     assert record["fields"] == list(ALL) and record["authors"]
     poet = next(iter(record["authors"]))
-    gen = run_module("lingmao.generate", f"model_dir={export}", "title=春望", f"author={poet}",
-                     "keywords=[月,霜]", "enforce_keywords=true", "form=wujue", "seed=1", timeout=300)
+    model = f"model_dir={export}"
+    results = run_modules({
+        "poem": ("lingmao.generate", model, "title=春望", f"author={poet}", "keywords=[月,霜]", "enforce_keywords=true",
+                 "form=wujue", "seed=1"),
+        "unknown": ("lingmao.generate", model, "author=李百"),
+        "listed": ("lingmao.generate", model, "list_authors=true"),
+    }, cwd=tmp_path)
+    gen, bad, listed = results["poem"], results["unknown"], results["listed"]
     assert gen.returncode == 0, gen.stderr
     poem = gen.stdout.strip()
     assert "月" in poem and "霜" in poem and len(poem.replace("\n", "")) == 24
-    bad = run_module("lingmao.generate", f"model_dir={export}", "author=李百", timeout=300)
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not one of the model's" in errors[0] and "Traceback" not in bad.stderr
-    listed = run_module("lingmao.generate", f"model_dir={export}", "list_authors=true", timeout=300)
     assert listed.returncode == 0 and listed.stdout.splitlines()[0].split("\t")[0] == poet
 
 

@@ -10,7 +10,6 @@ import importlib.util
 
 import pytest
 import torch
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -22,7 +21,6 @@ from lingmao.config import CONF_DIR, SCHEMAS, unknown_keys, validate
 from lingmao.distributed import build_strategy
 from lingmao.errors import LingmaoError
 from lingmao.hardware import FSDPConfig, HardwareConfig
-from tests.conftest import run_module
 
 
 def _installed(module: str) -> bool:
@@ -182,12 +180,3 @@ def test_optuna_search_without_the_plugin_names_what_is_missing(hydra_conf):
         composed("hparams_search=optuna", hydra_node=True)
 
 
-@pytest.mark.slow
-def test_cfg_job_from_the_entry_point():
-    """`--cfg job` through the real entry point (resolvers and all): prints the composed config."""
-    proc = run_module("lingmao.train", "experiment=smoke", "hardware=ddp", "hardware.devices=2", "--cfg", "job",
-                      "--resolve", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cfg = yaml.safe_load(proc.stdout)
-    assert cfg["hardware"]["strategy"] == "ddp" and cfg["hardware"]["devices"] == 2
-    assert cfg["data"]["train_file"].endswith("poetry_sample/train.jsonl")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
@@ -294,6 +295,7 @@ CLI_CASES = {
     "hydra-typo": (["optim.lr_rate=1"], 2, "error: optim.lr_rate: unknown key"),
     "data-line": (["data.train_file={bad}"], 2, "bad.jsonl:2: invalid JSON"),
     "debug": (["data.train_file={bad}", "debug=true"], 1, "Traceback"),
+    "no-mps": (["hardware=mps"], 2, "error: hardware=mps: MPS is not available"),
 }
 
 
@@ -323,6 +325,8 @@ def cli_results(tmp_path_factory) -> dict[str, tuple[int, str, Workspace]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_entry_point_exit_code_and_message(cli_results, name: str) -> None:
+    if name == "no-mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
     code, output, w = cli_results[name]
     _, expected_code, expected = CLI_CASES[name]
     assert code == expected_code, output[-2000:]
@@ -500,20 +504,16 @@ def _run_with_metrics(metrics: Path, tmp: Path) -> Path:
 @pytest.mark.slow
 def test_every_app_on_the_command_line_a_gbk_file_is_one_error_line_and_exit_2(good_export, tmp_path) -> None:
     """The real entry points, started together: exit 2, one `error:` line, no traceback, no run folder."""
-    from concurrent.futures import ThreadPoolExecutor
+    from tests.conftest import run_modules
 
-    from tests.conftest import run_module
-
-    def start(app: str):
-        tmp = tmp_path / app
-        tmp.mkdir()
-        bad = tmp / "poems.jsonl"
+    commands, folders = {}, {}
+    for app in APP_COMMANDS:
+        folders[app] = tmp_path / app
+        folders[app].mkdir()
+        bad = folders[app] / "poems.jsonl"
         bad.write_bytes(BAD_FILES["gbk"])
-        module, *args = APP_COMMANDS[app](bad, good_export, tmp)
-        return run_module(module, *args, timeout=300, cwd=tmp)
-
-    with ThreadPoolExecutor(len(APP_COMMANDS)) as pool:
-        results = dict(zip(APP_COMMANDS, pool.map(start, APP_COMMANDS), strict=True))
+        commands[app] = tuple(APP_COMMANDS[app](bad, good_export, folders[app]))
+    results = run_modules(commands, cwd=folders)
     for app, proc in results.items():
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1, (app, proc.returncode, proc.stderr[-2000:])

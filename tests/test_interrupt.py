@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import kill_session, run_module, start_module, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +22,7 @@ def start(tmp_path: Path, corpus, *extra: str) -> subprocess.Popen:
         *tiny_overrides(tmp_path, train, test, steps=100_000), "run_name=sig", "checkpoint_every_n_steps=2",
         "trainer.val_check_interval=50", "run_test=false", f"model_save_dir={tmp_path / 'export'}", *extra,
     ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "lingmao.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return start_module("lingmao.train", *args, cwd=tmp_path)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -34,7 +31,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         if proc.poll() is not None:
             pytest.fail(f"training ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
+            kill_session(proc)
             pytest.fail("no checkpoint appeared")
         time.sleep(0.05)
 
@@ -62,11 +59,10 @@ def test_signal_saves_exits_and_the_same_command_resumes(tmp_path, small_corpus,
 
     if signum == signal.SIGTERM:
         return  # resuming is the same for both signals; once is enough
-    proc = subprocess.run(
-        [sys.executable, "-m", "lingmao.train", *tiny_overrides(tmp_path, *small_corpus, steps=step + 3),
-         "run_name=sig", "checkpoint_every_n_steps=2", "trainer.val_check_interval=50", "run_test=false",
-         f"model_save_dir={tmp_path / 'export'}"],
-        capture_output=True, text=True, timeout=240,
+    proc = run_module(
+        "lingmao.train", *tiny_overrides(tmp_path, *small_corpus, steps=step + 3), "run_name=sig",
+        "checkpoint_every_n_steps=2", "trainer.val_check_interval=50", "run_test=false",
+        f"model_save_dir={tmp_path / 'export'}", timeout=240, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stderr + proc.stdout

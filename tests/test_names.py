@@ -15,7 +15,7 @@ from lingmao.callbacks.night import NightConfig
 from lingmao.config import PathsConfig, TrainerConfig, compose_config
 from lingmao.hardware import DDPConfig, FSDPConfig, HardwareConfig
 from lingmao.loggers import LoggerConfig
-from tests.conftest import run_module, tiny_overrides
+from tests.conftest import run_module, run_modules, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,10 +129,15 @@ def test_keys_that_change_training_name_the_run(override):
 
 @pytest.mark.slow
 def test_the_entry_point_keeps_the_name_when_only_the_machine_changes(tmp_path):
-    proc = run_app("train", "hardware.cpu_threads=1", "night.now=12:00", "trainer.max_steps=900",
-                   f"paths.output_dir={tmp_path}", "--cfg", "job", "--resolve")
+    """`--cfg job` through the real entry point (resolvers and all) prints the composed config; the machine, the
+    clock and the schedule's length leave the run's name alone."""
+    proc = run_app("train", "hardware=ddp", "hardware.devices=2", "hardware.cpu_threads=1", "night.now=12:00",
+                   "trainer.max_steps=900", f"paths.output_dir={tmp_path}", "--cfg", "job", "--resolve")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert yaml.safe_load(proc.stdout)["paths"]["run_dir"] == f"{tmp_path}/runs/default"
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["paths"]["run_dir"] == f"{tmp_path}/runs/default"
+    assert cfg["hardware"]["strategy"] == "ddp" and cfg["hardware"]["devices"] == 2
+    assert cfg["data"]["train_file"].endswith("poetry_sample/train.jsonl")
 
 
 @pytest.mark.slow
@@ -152,9 +157,10 @@ def test_a_run_dir_from_data_file_overrides_works_as_model_dir_unquoted(small_co
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("app", ["generate", "evaluate", "train"])
-def test_a_bad_override_is_one_line_and_exit_2_in_every_app(app):
-    proc = run_app(app, "model_dir=a=b,c")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+def test_a_bad_override_is_one_line_and_exit_2_in_every_app(tmp_path):
+    apps = ("generate", "evaluate", "train")
+    results = run_modules({app: (f"lingmao.{app}", "model_dir=a=b,c") for app in apps}, cwd=tmp_path)
+    for app, proc in results.items():
+        assert proc.returncode == 2, (app, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, (app, proc.stderr[-2000:])

@@ -29,7 +29,7 @@ from lingmao.callbacks.night import (
 from lingmao.config import compose_config
 from lingmao.errors import LingmaoError
 from lingmao.hardware import ProcessLimits
-from tests.conftest import cut_corpus, run_module, script_night_clock, tiny_overrides, train_with
+from tests.conftest import cut_corpus, script_night_clock, tiny_overrides, train_with
 
 T = dt.time
 
@@ -371,17 +371,6 @@ def test_warnings_count_the_steps_of_the_batch_trained(small_corpus, tmp_path, c
     assert result.global_step > 20
     assert f"more than half of this run's {result.global_step} steps: warming up over {result.global_step // 10} " \
            "steps" in caplog.text
-
-
-@pytest.mark.slow
-def test_command_line(small_corpus, tmp_path):
-    """The command of the README: `night.now=23:30` logs the switch with halved batch, scaled lr, halved threads."""
-    train, test = small_corpus
-    args = [o for o in tiny_overrides(tmp_path, train, test, steps=4) if o != "night=off"]
-    proc = run_module("lingmao.train", *args, "night.now=23:30", "hardware.cpu_threads=2", "run_test=false",
-                      "export=false", timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "night mode on (23:30): batch 8->4, lr x0.75, threads 2->1" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

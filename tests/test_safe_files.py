@@ -28,7 +28,7 @@ from lingmao.errors import LingmaoError
 from lingmao.export import READY
 from lingmao.model import ModelConfig, build_model
 from lingmao.train import train as train_run
-from tests.conftest import SignalAt, run_module, tiny_overrides, train_with
+from tests.conftest import SignalAt, run_modules, tiny_overrides, train_with
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0, max_len=64)
@@ -265,16 +265,17 @@ def test_a_code_running_checkpoint_is_refused_and_runs_nothing(crafted):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("app", ["generate", "evaluate", "train"])
-def test_every_app_refuses_it_with_one_line(crafted, app, small_corpus, tmp_path):
+def test_every_app_refuses_it_with_one_line(crafted, small_corpus, tmp_path):
     path, marker = crafted
     train, test = small_corpus
-    args = {"generate": [f"ckpt={path}", f"tokenizer={train}"],
-            "evaluate": [f"ckpt={path}", f"data.test_file={test}"],
-            "train": [*tiny_overrides(tmp_path, train, test, steps=2), f"resume_from={path}"]}[app]
-    proc = run_module(f"lingmao.{app}", *args, cwd=ROOT)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "refused" in proc.stderr, proc.stderr[-2000:]
+    results = run_modules({
+        "generate": ("lingmao.generate", f"ckpt={path}", f"tokenizer={train}"),
+        "evaluate": ("lingmao.evaluate", f"ckpt={path}", f"data.test_file={test}"),
+        "train": ("lingmao.train", *tiny_overrides(tmp_path, train, test, steps=2), f"resume_from={path}"),
+    }, cwd=tmp_path)
+    for app, proc in results.items():
+        assert proc.returncode == 2, (app, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "refused" in proc.stderr, (app, proc.stderr[-2000:])
     assert not marker.exists()
 
 

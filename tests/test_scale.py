@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_module, tiny_overrides
+from tests.conftest import run_module, run_modules, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
@@ -399,8 +399,12 @@ def test_fsdp_trains_stops_resumes_on_any_world_size_and_exports(small_corpus, t
     base = _overrides(tmp_path, train, test)
     runs = tmp_path / "outputs" / "runs"
 
-    # Uninterrupted, with samples at the end (from the gathered weights).
-    done = run_module("lingmao.train", *base, *FSDP, "run_name=whole", "show_samples=true", cwd=tmp_path)
+    # Uninterrupted, with samples at the end (from the gathered weights); beside it, the same recipe in one
+    # process with the same 16 windows a step.
+    one = [o for o in base if not o.startswith("data.batch_size")] + ["data.batch_size=16"]
+    started = run_modules({"whole": ("lingmao.train", *base, *FSDP, "run_name=whole", "show_samples=true"),
+                           "alone": ("lingmao.train", *one, "hardware=cpu", "run_name=alone")}, cwd=tmp_path)
+    done, alone = started["whole"], started["alone"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a 五绝 from this model" in done.stdout and "a 七绝 from this model" in done.stdout, done.stdout[-2000:]
     last = runs / "whole" / "checkpoints" / "last.ckpt"
@@ -435,20 +439,20 @@ def test_fsdp_trains_stops_resumes_on_any_world_size_and_exports(small_corpus, t
     assert largest_difference(weights(runs / "stopped"), weights(runs / "whole")) == 0.0
 
     # One process, the same 16 windows a step: the same weights but for the order of float32 sums.
-    one = [o for o in base if not o.startswith("data.batch_size")] + ["data.batch_size=16"]
-    alone = run_module("lingmao.train", *one, "hardware=cpu", "run_name=alone", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert 0 < largest_difference(weights(runs / "alone"), weights(runs / "whole")) < 2e-5
 
     # World size 2 -> 1: the sharded directory of two ranks resumed by one process (FSDP on one device), and
     # 1 -> 2: the one-process file resumed by two FSDP ranks; two more steps each, over the same windows. Each
     # keeps processes x data.batch_size, so its data.batch_size changes: resume_changed=accept says it is meant.
-    to_one = run_module("lingmao.train", *one, *FSDP[:2], "hardware.devices=1", "hardware.fsdp.state_dict_type=sharded",
-                        "run_name=whole", "trainer.max_steps=10", "resume_changed=accept", cwd=tmp_path)
+    moved = run_modules({
+        "to_one": ("lingmao.train", *one, *FSDP[:2], "hardware.devices=1", "hardware.fsdp.state_dict_type=sharded",
+                   "run_name=whole", "trainer.max_steps=10", "resume_changed=accept"),
+        "to_two": ("lingmao.train", *base, *FSDP, "run_name=alone", "trainer.max_steps=10", "resume_changed=accept"),
+    }, cwd=tmp_path)
+    to_one, to_two = moved["to_one"], moved["to_two"]
     assert to_one.returncode == 0, to_one.stderr[-3000:]
     assert "written by 2 processes, this run has 1" in to_one.stdout
-    to_two = run_module("lingmao.train", *base, *FSDP, "run_name=alone", "trainer.max_steps=10",
-                        "resume_changed=accept", cwd=tmp_path)
     assert to_two.returncode == 0, to_two.stderr[-3000:]
     assert "written by 1 process, this run has 2" in to_two.stdout
     # The loader's place counts windows over all ranks: 8 steps x 16, then 2 x 16 more, whichever the world.
