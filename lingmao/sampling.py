@@ -134,22 +134,16 @@ def sample_ids(
     model: torch.nn.Module,
     prompt_ids: list[int],
     *,
-    eos_id: int,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     penalty_tokens: torch.Tensor | None = None,
     banned: list[int] | None = None,
     step_mask: StepMask | None = None,
-    context_length: int | None = None,
-    seed: int | None = None,
-    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     use_cache: bool = True,
+    **options: Any,
 ) -> list[list[int]]:
-    """Sample `num_samples` continuations of `prompt_ids` in one batch; each stops at `eos_id`.
+    """Sample continuations of `prompt_ids` in one batch; `options` are `lingmao.decoding.Generation`'s (eos_id,
+    max_new_tokens, num_samples, temperature, top_k, top_p, seed, context_length, on_step); each sample stops at
+    `eos_id`.
 
     `step_mask(step, generated[B, step]) -> bool[B, V]` restricts each step to the allowed tokens
     (constrained decoding); `banned` tokens are never sampled. `on_step(tokens[B], active[B])` sees
@@ -157,13 +151,8 @@ def sample_ids(
     `context_start`); `use_cache=False` recomputes the context at every step even when the model has a
     KV cache. Returns the new token ids of each sample, without `<eos>`.
     """
-    generation = Generation(
-        prompt_ids, eos_id=eos_id, max_new_tokens=max_new_tokens, num_samples=num_samples,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context_length=context_length,
-        rules=sampling_rules(model.vocab_size, repetition_penalty, penalty_tokens, banned, step_mask),
-        on_step=on_step,
-    )
-    return decode(model, generation, use_cache=use_cache)
+    rules = sampling_rules(model.vocab_size, repetition_penalty, penalty_tokens, banned, step_mask)
+    return decode(model, Generation(prompt_ids, rules=rules, **options), use_cache=use_cache)
 
 
 def generate(lm: Any, prompt: str = "", **options: Any) -> list[str]:

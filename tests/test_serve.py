@@ -248,6 +248,8 @@ HOSTILE = {
     "lone surrogate in form": (body({"form": "\ud800"}), 422),
     "lone surrogate in tune": (body({"tune": "浣溪\udc00"}), 422),
     "lone surrogate in rhyme": (body({"rhyme": "\udbff"}), 422),
+    "lone surrogate in author": (body({"author": "杜\ud800"}), 422),
+    "lone surrogate in a keyword": (body({"keywords": ["月", "\udc01"]}), 422),
     "NUL in prompt": (body({"prompt": "春\x00风"}), 422),
     "escape sequence in prompt": (body({"prompt": "\x1b[31m春"}), 422),
     "DEL in title": (body({"title": "春\x7f"}), 422),
