@@ -98,7 +98,7 @@ def shown_messages() -> Iterator[None]:
     """lingmao's messages on stderr for the duration, as the command line shows them (Hydra's logging setup),
     when the caller's logging would not show them; nothing changes when it already does."""
     logger = logging.getLogger("lingmao")
-    if logger.isEnabledFor(logging.INFO) and _has_handler(logger):
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
         yield
         return
     handler = logging.StreamHandler()  # sys.stderr as it is now
@@ -114,12 +114,3 @@ def shown_messages() -> Iterator[None]:
         logger.setLevel(level)
         logger.propagate = propagate
 
-
-def _has_handler(logger: logging.Logger) -> bool:
-    """Whether a handler on the way to the root (not only Python's last resort) receives the logger's records."""
-    current: logging.Logger | None = logger
-    while current is not None:
-        if current.handlers:
-            return True
-        current = current.parent if current.propagate else None
-    return False

@@ -59,7 +59,7 @@ def evaluation_conditioning(lm: Any) -> Any:
     from lingmao.data.condition import model_conditioning
 
     cond = model_conditioning(lm.config or {}, lm.tokenizer)
-    if cond is not None and "keywords" in cond.fields and cond.frequencies is None:
+    if cond is not None and cond.needs_frequencies:
         log.warning("the model's keyword statistics are not at hand (a checkpoint without its run's export): the "
                     "texts are scored without keywords in their headers")
         cond = type(cond)(tuple(f for f in cond.fields if f != "keywords"), cond.keywords, cond.dropout)

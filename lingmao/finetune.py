@@ -79,7 +79,7 @@ class InitSource:
         if problem:
             raise LingmaoError(f"init_from: {problem}")
         lm = load_model(path) if path.is_dir() else LingmaoModel.from_checkpoint(path)
-        weights = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+        weights = {k: v.detach() for k, v in lm.model.state_dict().items()}  # lm goes; load_into copies them
         return cls(path, weights, lm.tokenizer, dict(lm.config["model"]), dict(lm.config), lm.lines)
 
     def model_config(self, run_model: Any) -> Any:

@@ -42,6 +42,7 @@ from lingmao.checkpointing import (
 )
 from lingmao.errors import LingmaoError
 from lingmao.hardware import FSDPConfig
+from lingmao.optim import is_dtensor
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class FSDP(ModelParallelStrategy):
         """Apply the sharding plan to `model` (LingmaoLM.configure_model calls this once)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-        if any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()):
+        if is_sharded(model):
             return  # sharded already (a second fit / validate / test on the same module)
         hybrid = self.config.sharding_strategy == "HYBRID_SHARD"
         mesh = self.device_mesh if hybrid else self.device_mesh["data_parallel"]
@@ -180,14 +181,11 @@ def checkpoint_activations(block: nn.Module) -> None:
     The block's own `forward` is wrapped, so its parameter names and FSDP's hooks (which run around the call)
     stay as they are; FSDP has the parameters gathered again when the recomputation runs inside the backward.
     """
-    if getattr(block, "_lingmao_checkpointed", False):
-        return
     block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    block._lingmao_checkpointed = True
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def full_model(model: nn.Module) -> nn.Module | None:

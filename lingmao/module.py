@@ -121,9 +121,13 @@ class LingmaoLM(L.LightningModule):
 
     # -- optimizer and schedule ----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = build_optimizer(self.model, self.optim_config, compile=self.model_config.compile)
+        optimizer = self._build_optimizer()
         self._schedules = [group_schedule(self.optim_config, group) for group in optimizer.param_groups]
         return optimizer
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The run's optimizer; a resume takes its group settings (fused, foreach, ...) from the same call."""
+        return build_optimizer(self.model, self.optim_config, compile=self.model_config.compile)
 
     def total_steps(self) -> float:
         """The optimizer steps this run will take, as its limits and the current batches per epoch say."""
@@ -198,7 +202,7 @@ class LingmaoLM(L.LightningModule):
                         "optimizer starts afresh", before, self.optim_config.name)
             checkpoint["optimizer_states"] = []  # Lightning loads one state per optimizer: none
             return
-        saved, fresh = states[0], build_optimizer(self.model, self.optim_config).state_dict()
+        saved, fresh = states[0], self._build_optimizer().state_dict()
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
         if not groups or [len(g["params"]) for g in groups] != [len(g["params"]) for g in fresh["param_groups"]]:
             return  # another layout (e.g. sharded): left to Lightning

@@ -97,22 +97,30 @@ def check_text(name: str, text: str | None, newlines: bool = False) -> None:
         raise LingmaoError(f"{name}: {problem}")
 
 
-_PIECES: dict[int, tuple[Any, list[str]]] = {}
+_PER_TOKENIZER: dict[tuple[str, int], tuple[Any, int, Any]] = {}
+
+
+def _per_tokenizer(name: str, tok: Any, make: Callable[[Any], Any]) -> Any:
+    """`make(tok)`, remembered per tokenizer object and vocabulary size (tokens can only be added, which changes
+    the size): what every request would otherwise pay again."""
+    size = tok.get_vocab_size()
+    known = _PER_TOKENIZER.get((name, id(tok)))
+    if known is None or known[0] is not tok or known[1] != size:
+        if len(_PER_TOKENIZER) >= 16:
+            _PER_TOKENIZER.pop(next(iter(_PER_TOKENIZER)))
+        known = _PER_TOKENIZER[(name, id(tok))] = (tok, size, make(tok))
+    return known[2]
 
 
 def token_pieces(tok: Any) -> list[str]:
-    """The text of every token id (\"\" for none), remembered per tokenizer object and vocabulary size (reading a
-    vocabulary of 6,000 tokens takes milliseconds, which every request would pay otherwise)."""
-    size = tok.get_vocab_size()
-    known = _PIECES.get(id(tok))
-    if known is None or known[0] is not tok or len(known[1]) != size:
-        pieces = [""] * size
+    """The text of every token id (\"\" for none); reading a vocabulary of 6,000 tokens takes milliseconds."""
+    def pieces_of(tok: Any) -> list[str]:
+        pieces = [""] * tok.get_vocab_size()
         for piece, i in tok.get_vocab().items():
             pieces[i] = piece
-        if len(_PIECES) >= 8:
-            _PIECES.pop(next(iter(_PIECES)))
-        known = _PIECES[id(tok)] = (tok, pieces)
-    return known[1]
+        return pieces
+
+    return _per_tokenizer("pieces", tok, pieces_of)
 
 
 def sampling_rules(
@@ -301,7 +309,7 @@ def _header_prefix(lm: Any, title: str | None, author: str | None, keywords: lis
     if author and authors is not None:
         check_author(author, authors)
     header = cond.header(converter(title) if title else None, author, "".join(keywords) or None)
-    encoder = FastEncoder.for_tokenizer(tok)
+    encoder = _per_tokenizer("encoder", tok, FastEncoder.for_tokenizer)  # building one reads the whole tokenizer
     if encoder is None:
         raise LingmaoError("this model's tokenizer is not a character tokenizer; it cannot take a header")
     header_tokens, _ = encoder.encode_batch([header], headed=True)

@@ -112,8 +112,7 @@ class Conditioning:
 
     def finish(self, document: str) -> str:
         """A converted document from `raw_header` + text, with the dropout applied and the keywords added."""
-        head, _, body = document.partition(BODY_MARK)
-        values = parse_header(head)
+        values, body = split_document(document)
         if "keywords" in self.fields:
             values["keywords"] = self.keywords_of(body)
         parts = [MARK_OF[name] + values[name] for name in self.fields

@@ -184,7 +184,7 @@ class LMDataModule(L.LightningDataModule):
         else:
             entries = self._char_entries("train")
             started = time.perf_counter()
-            counts = sum(e.symbol_counts() for e in entries)
+            counts = self.symbol_counts("train")
             documents = sum(int(e.meta["documents"]) for e in entries)
             tok = train_tokenizer_from_counts(counts, documents, self.cfg.min_frequency)
             log.info("trained a character tokenizer on %s: %d tokens in %.1f s", self.label("train"),

@@ -103,7 +103,7 @@ def rhyme_masks(tok: Tokenizer, system: str) -> torch.Tensor:
 def variant_ids(tok: Tokenizer) -> torch.Tensor:
     """long [V]: for each token, the smallest id of the tokens that are its Han character in simplified form (OpenCC
     t2s: 華 and 华 share one); a token that is not a Han character is its own."""
-    key = tokenizer_fingerprint(tok)
+    key = _vocab_key(tok)
     if key not in _VARIANTS:
         out = torch.arange(tok.get_vocab_size())
         han = sorted(_han_tokens(tok), key=lambda pair: pair[1])
