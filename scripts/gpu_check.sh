@@ -57,14 +57,9 @@ fi
 
 say "# bash scripts/gpu_check.sh $*  ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo n/a))"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null | tee -a "$report"
-# The card's dense bf16 peak (TFLOP/s), for MFU; Lightning's table lacks some cards (H200).
-PEAK=$(python - <<'PY'
-import torch
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-table = {"H200": 989, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10": 125}
-print(next((str(v) for k, v in table.items() if k in name), "null"))
-PY
-)
+# The card's dense bf16 peak (TFLOP/s) from lingmao's table, which the logged MFU uses too.
+PEAK=$(python -c "import torch; from lingmao.peak_flops import peak_tflops; \
+print(peak_tflops(torch.cuda.get_device_name(), 'bf16-mixed') if torch.cuda.is_available() else None)")
 say "$(python -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', \
 lightning.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
 say "corpus: $DATA_NOTE; dense bf16 peak used for MFU: $PEAK TFLOP/s"
@@ -84,7 +79,7 @@ PY
 say ""
 say "## 1. ${MODEL[*]} ${HW[*]} model.compile=true, $STEPS steps, then the test split"
 main=(python -m lingmao.train "${MODEL[@]}" "${DATA[@]}" "${HW[@]}" "${COMMON[@]}" "${LIMITS[@]}" night=off
-      model.compile=true "trainer.max_steps=$STEPS" trainer.val_check_interval=500 "logger.peak_tflops=$PEAK"
+      model.compile=true "trainer.max_steps=$STEPS" trainer.val_check_interval=500
       paths.output_dir="$WORK/main" run_name=main)
 say "command: ${main[*]}"
 started=$(date +%s)
