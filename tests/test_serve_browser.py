@@ -7,6 +7,7 @@ saves the screenshot there (default: the test's temporary folder). docs/serve.md
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -20,11 +21,13 @@ from tests.conftest import kill_session, start_module
 
 pytestmark = pytest.mark.slow
 
-# CI installs the browser and its driver (.ci/run): there a missing one fails the test instead of skipping it.
-if not os.environ.get("CI"):
-    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
-from playwright import sync_api  # noqa: E402
+
+def needed(module: str, reason: str):
+    """The module, or a skip; CI installs the browser's driver (.ci/run), so there a missing one fails the test.
+    Imported when a test runs, not when the file is collected: a run of the fast tests only needs none of it."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=reason)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HAN = "[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U000323af]"
@@ -40,6 +43,7 @@ def served_model(model_dir) -> Path:
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
     """The app as a user runs it, on a free port (port=0; the URL is read from its log)."""
+    needed("fastapi", "the serve extra is not installed: pip install -e '.[serve]'")
     cwd = tmp_path_factory.mktemp("serve-cwd")
     process = start_module("lingmao.serve", f"model_dir={served_model}", "port=0", "device=cpu", cwd=cwd,
                            env={"OMP_NUM_THREADS": "1"}, stdout=None)
@@ -77,6 +81,7 @@ def browser():
     if CHROMIUM is None:
         message = "the chromium package is not installed (apt-get install chromium)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    sync_api = needed("playwright.sync_api", "Playwright is not installed: pip install playwright")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
