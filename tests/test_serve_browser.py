@@ -8,6 +8,7 @@ saves the screenshot there (default: the test's temporary folder). docs/serve.md
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lingmao import load_model
+from lingmao.serve.marks import poem_marks
 from tests.conftest import kill_session, start_module
 
 pytestmark = pytest.mark.slow
@@ -127,3 +129,30 @@ def test_acrostic_wujue_on_the_page(server, browser, served_model, tmp_path):
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error").startswith("error: acrostic:")
     context.close()
+
+
+def test_repeats_are_marked_on_the_page(server, browser):
+    """重韵 and 重字 as the page draws them. Generated verse never repeats a rhyme (by construction), so the page's
+    stream request is answered here with the events the server sends for a text that does, with the server's own
+    marks (`poem_marks`) of it: 霜 ends lines 2 and 4 (重韵), 明, 月 and 头 come twice (重字)."""
+    text = "床前明月光，疑是地上霜。\n举头望明月，低头思故霜。"
+    events = [{"event": "start", "seed": 1, "num_samples": 1, "prompt": ""},
+              *({"event": "token", "sample": 0, "text": ch} for ch in text),
+              {"event": "done", "seed": 1, "form": None, "tune": None, "poems": [poem_marks(text)],
+               "new_tokens": len(text), "seconds": 0.1, "stopped": None}]
+    body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
+    page = browser.new_page()
+    page.route("**/api/generate/stream", lambda route: route.fulfill(status=200, body=body,
+                                                                     content_type="application/x-ndjson"))
+    page.goto(server)
+    page.wait_for_selector('#form option[value="wujue"]', state="attached")
+    page.click("#generate")
+    page.wait_for_selector(".poem.done")
+
+    def shown(kind: str) -> str:
+        return "".join(page.eval_on_selector_all(f".poem.done .cell.{kind} .c", "cs => cs.map(c => c.textContent)"))
+
+    assert shown("rep-rhyme") == "霜霜" and shown("rep-char") == "明月头明月头"
+    assert page.get_attribute(".poem.done .cell.rep-rhyme", "title").endswith("重韵")
+    assert "重韵" in page.inner_text(".poem.done .verdict")
+    page.close()

@@ -105,6 +105,10 @@ function renderPoem(card, poem) {
         span.classList.add("fault");
         span.title = cell.fault;
       }
+      if (cell.repeat) {  // 重韵: a rhyme character used again; 重字: any character used again (叠字 aside)
+        span.classList.add(cell.repeat === "重韵" ? "rep-rhyme" : "rep-char");
+        span.title = [span.title, cell.repeat].filter(Boolean).join("; ");
+      }
       const c = document.createElement("span");
       c.className = "c";
       c.textContent = cell.ch;
