@@ -51,6 +51,8 @@ def processes_per_node(devices: Any, accelerator: str) -> int:
     """How many processes `hardware.devices` starts on each machine (Lightning's reading of it)."""
     if isinstance(devices, list | tuple):
         return len(devices)
+    if isinstance(devices, str) and "," in devices:  # "0,1": those devices; "1,": device 1 alone
+        return len([d for d in devices.split(",") if d.strip()])
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if isinstance(devices, int) and devices > 0:

@@ -100,6 +100,15 @@ def test_a_checkpoint_directory_is_replaced_whole_or_put_back(tmp_path):
     assert (tmp_path / "file.ckpt" / "new").is_file()
 
 
+@pytest.mark.parametrize(("devices", "processes"), [
+    (2, 2), ("2", 2), ([0, 1], 2), ("0,1", 2), ("0, 2, 3", 3), ("1,", 1), ("auto", 1)])
+def test_processes_per_machine_read_from_devices_as_lightning_reads_them(devices, processes):
+    """A GPU list ("0,1") is its length, not every GPU of the machine; on a CPU "auto" is one process."""
+    from lingmao.fsdp import processes_per_node
+
+    assert processes_per_node(devices, "cpu") == processes
+
+
 def test_optimizer_state_numbered_by_any_strategy_is_matched_by_groups():
     """A checkpoint of one process numbers parameters in the optimizer's group order; FSDP wants names. The
     numbers are read through the groups, not through the model's parameter order (which differs here: the
