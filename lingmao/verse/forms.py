@@ -54,6 +54,7 @@ from lingmao.verse.vocab import (
     RHYME_TONES,
     char_rhyme_classes,
     char_tone_fits,
+    class_sizes,
     rhyme_masks,
     variant_ids,
     vocab_tables,
@@ -322,6 +323,8 @@ class FormConstraint:
             self.fixed.setdefault(self.char_index[self._slot_of(line, 0)], ch)
         self.fixed_ids = {k: tok.token_to_id(ch) for k, ch in self.fixed.items()}
         self.masks = rhyme_masks(tok, self.system) if any(v.rhymes for v in self.variants) else None
+        self.masks_float = rhyme_masks(tok, self.system, torch.float32) if self.masks is not None else None
+        self.tok = tok
         self.variant_of = variant_ids(tok)  # token -> one token of the same character (simplified form)
         self._select_variants()
         self._state: _State | None = None
@@ -424,7 +427,7 @@ class FormConstraint:
                     ok &= char_rhyme_classes(self.fixed[k], self.system)[t] & self._fits(self.fixed[k], v.need[k])
                     some &= ok
                 else:
-                    count = self._distinct_count(self.masks[t] & tone_masks[v.need[k]])
+                    count = class_sizes(self.tok, self.system, t, v.need[k], distinct=bool(self.distinct_at))
                     ok &= count >= needed
                     some &= count > 0
             if not bool(ok.any()):
@@ -440,15 +443,6 @@ class FormConstraint:
                 return f"rhyme: no {system} has characters in the model's vocabulary for all its rhyme positions", []
             classes.append(ok)
         return None, classes
-
-    def _distinct_count(self, admissible: torch.Tensor) -> torch.Tensor:
-        """long [C]: per class (row of `admissible`, bool [C, V]), its different characters in simplified form
-        (its tokens when rhymes may repeat, which is all that matters then: none or some)."""
-        if not self.distinct_at:
-            return admissible.sum(-1)
-        index = self.variant_of.expand_as(admissible)
-        present = torch.zeros(admissible.shape).scatter_reduce_(1, index, admissible.float(), reduce="amax")
-        return present.sum(-1).long()
 
     def _select_variants(self) -> None:
         kept, problems = [], []
@@ -494,24 +488,47 @@ class FormConstraint:
 
 
 class _State:
-    """Per-sample decoding state: which variants and rhyme classes still agree with the poem so far."""
+    """Per-sample decoding state: which variants and rhyme classes still agree with the poem so far, all variants
+    held in one tensor each so that a step costs the same few operations whatever their number."""
 
     def __init__(self, c: FormConstraint, batch: int, device: torch.device) -> None:
         self.c, self.batch, self.device, self.consumed = c, batch, device, 0
         self.tone_masks = c.tables.tone_masks.to(device)
         self.variant_of = c.variant_of.to(device)
         self.rhyme_masks = c.masks.to(device) if c.masks is not None else None
-        self.rhyme_float = self.rhyme_masks.float() if self.rhyme_masks is not None else None
-        n = len(c.char_slots)
+        self.rhyme_float = c.masks_float.to(device) if c.masks is not None else None
+        n, nv = len(c.char_slots), len(c.variants)
         self.level = torch.zeros(batch, n, dtype=torch.bool, device=device)
         self.tokens = torch.full((batch, n), -1, dtype=torch.long, device=device)  # the token at each position
-        self.alive = torch.ones(batch, len(c.variants), dtype=torch.bool, device=device)
-        self.live = [
-            torch.stack(classes).to(device).unsqueeze(0).repeat(batch, 1, 1) if classes else None
-            for classes in c.viable_classes
-        ]  # per variant: bool [batch, sets, C]
-        self.rhyme_at = [{k: (s, t) for s, members in enumerate(v.rhymes) for k, t in members} for v in c.variants]
-        self.lone_of = [{b: a for a, b in v.lone} for v in c.variants]
+        self.alive = torch.ones(batch, nv, dtype=torch.bool, device=device)
+        self.need = torch.tensor([v.need for v in c.variants], dtype=torch.long, device=device)  # [variants, n]
+        # 孤平: position b of a variant needs 平 after a 仄-only character at `lone[v, b]` (-1: no such rule)
+        lone = torch.full((nv, n), -1, dtype=torch.long)
+        for vi, v in enumerate(c.variants):
+            for a, b in v.lone:
+                lone[vi, b] = a
+        self.lone = lone.to(device)
+        self.lone_at = {b for v in c.variants for _, b in v.lone}  # positions where some variant has the rule
+        # Rhyme classes still possible, per variant and rhyme set (sets past a variant's own stay unused).
+        sets = max((len(classes) for classes in c.viable_classes), default=0)
+        classes = c.masks.size(1) if c.masks is not None else 0
+        live = torch.zeros(nv, sets, classes, dtype=torch.bool)
+        for vi, viable in enumerate(c.viable_classes):
+            for si, ok in enumerate(viable):
+                live[vi, si] = ok
+        self.live = live.to(device).unsqueeze(0).repeat(batch, 1, 1, 1)  # bool [batch, variants, sets, C]
+        # Per character position, the variants that rhyme there: (variant indices, their sets, the rhyme tone).
+        self.rhyme_at: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        by_position: dict[int, dict[int, tuple[list[int], list[int]]]] = {}
+        for vi, v in enumerate(c.variants):
+            for si, members in enumerate(v.rhymes):
+                for k, t in members:
+                    group = by_position.setdefault(k, {}).setdefault(t, ([], []))
+                    group[0].append(vi)
+                    group[1].append(si)
+        for k, groups in by_position.items():
+            self.rhyme_at[k] = [(torch.tensor(vs, device=device), torch.tensor(ss, device=device), t)
+                                for t, (vs, ss) in groups.items()]
         for k, slot_index in enumerate(c.char_slots):
             if slot_index >= c.start:
                 break
@@ -522,33 +539,29 @@ class _State:
         allowed[:, token] = True
         return allowed
 
-    def needs(self, variant: int, k: int) -> torch.Tensor:
-        """long [batch]: what position k needs under `variant`, given the poem so far (孤平 rule)."""
-        need = torch.full((self.batch,), self.c.variants[variant].need[k], dtype=torch.long, device=self.device)
-        a = self.lone_of[variant].get(k)
-        if a is not None:
-            need = torch.where(self.level[:, a], need, torch.full_like(need, LEVEL))
+    def needs(self, k: int) -> torch.Tensor:
+        """long [batch, variants]: what position k needs under each variant, given the poem so far (孤平 rule)."""
+        need = self.need[:, k].expand(self.batch, -1)
+        if k in self.lone_at:
+            a = self.lone[:, k]
+            after_oblique = (a >= 0) & ~self.level[:, a.clamp(min=0)]  # [batch, variants]
+            need = torch.where(after_oblique, LEVEL, need)
         return need
 
     def allowed(self, k: int) -> torch.Tensor:
-        allowed = torch.zeros(self.batch, self.c.size, dtype=torch.bool, device=self.device)
-        for vi in range(len(self.c.variants)):
-            allowed |= self.variant_allowed(vi, k)
+        """bool [batch, V]: the tokens some living variant (and rhyme class) admits at character position k."""
+        per_variant = self.tone_masks[self.needs(k)]  # [batch, variants, V]
+        for variants, sets, t in self.rhyme_at.get(k, ()):
+            live = self.live[:, variants, sets, :]  # [batch, r, C]
+            rhymes = (live.float() @ self.rhyme_float[t]) > 0  # [batch, r, V]: a possible class admits it
+            per_variant[:, variants] &= rhymes
+        allowed = (per_variant & self.alive.unsqueeze(-1)).any(1)
         if k in self.c.distinct_at:  # no 重韵: not a character that ended an earlier line that may rhyme
             ids = self.tokens[:, [p for p in self.c.distinct_at if p < k]]
             used = torch.zeros(self.batch, self.c.size + 1, dtype=torch.bool, device=self.device)
             used.scatter_(1, torch.where(ids >= 0, self.variant_of[ids.clamp(min=0)], self.c.size), True)
             allowed &= ~used[:, self.variant_of]  # every form of a used character
         return allowed
-
-    def variant_allowed(self, vi: int, k: int) -> torch.Tensor:
-        """bool [batch, V]: what variant `vi` admits at character position k (nothing where it is dead)."""
-        m = self.tone_masks[self.needs(vi, k)]
-        at = self.rhyme_at[vi].get(k)
-        if at is not None:
-            s, t = at
-            m = m & ((self.live[vi][:, s, :].float() @ self.rhyme_float[t]) > 0)
-        return m & self.alive[:, vi : vi + 1]
 
     def fold_token(self, slot_index: int, tokens: torch.Tensor) -> None:
         """Take in the tokens sampled at `slot_index`."""
@@ -571,12 +584,9 @@ class _State:
 
     def _fold(self, k: int, fits: torch.Tensor, classes: torch.Tensor | None) -> None:
         """fits: bool [4, batch] (FREE, KNOWN, LEVEL, OBLIQUE); classes: bool [3, C, batch] of the characters."""
-        for vi in range(len(self.c.variants)):
-            need = self.needs(vi, k)
-            self.alive[:, vi] &= fits.gather(0, need.unsqueeze(0)).squeeze(0)
-            at = self.rhyme_at[vi].get(k)
-            if at is not None:
-                s, t = at
-                self.live[vi][:, s, :] &= classes[t].T
-                self.alive[:, vi] &= self.live[vi][:, s, :].any(-1)
+        self.alive &= fits.T.gather(1, self.needs(k))
+        for variants, sets, t in self.rhyme_at.get(k, ()):
+            live = self.live[:, variants, sets, :] & classes[t].T.unsqueeze(1)  # [batch, r, C]
+            self.live[:, variants, sets, :] = live
+            self.alive[:, variants] &= live.any(-1)
         self.level[:, k] = fits[LEVEL]

@@ -54,8 +54,9 @@ def char_rhyme_classes(ch: str, system: str) -> torch.Tensor:
 
 
 _TABLES: dict[str, VocabTables] = {}
-_RHYMES: dict[tuple[str, str], torch.Tensor] = {}
+_RHYMES: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
 _VARIANTS: dict[str, torch.Tensor] = {}
+_CLASS_SIZES: dict[tuple[str, str, int, int, bool], torch.Tensor] = {}
 _KEYS: dict[int, tuple[Tokenizer, int, str]] = {}
 
 
@@ -88,16 +89,35 @@ def vocab_tables(tok: Tokenizer) -> VocabTables:
     return _TABLES[key]
 
 
-def rhyme_masks(tok: Tokenizer, system: str) -> torch.Tensor:
-    """bool [3, C, V]: token v rhymes in class c of `system` when read with tone t (0 any, 1 平, 2 仄)."""
-    key = (_vocab_key(tok), system)
+def rhyme_masks(tok: Tokenizer, system: str, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """[3, C, V]: token v rhymes in class c of `system` when read with tone t (0 any, 1 平, 2 仄); bool, or 0/1 as
+    `dtype` (float: for the products that find what the classes still possible admit)."""
+    key = (_vocab_key(tok), system, dtype)
     if key not in _RHYMES:
-        size = tok.get_vocab_size()
-        masks = torch.zeros(len(RHYME_TONES), len(rhyme.class_names(system)), size, dtype=torch.bool)
-        for token, i in _han_tokens(tok):
-            masks[:, :, i] = char_rhyme_classes(token, system)
-        _RHYMES[key] = masks
+        if dtype != torch.bool:
+            _RHYMES[key] = rhyme_masks(tok, system).to(dtype)
+        else:
+            size = tok.get_vocab_size()
+            masks = torch.zeros(len(RHYME_TONES), len(rhyme.class_names(system)), size, dtype=torch.bool)
+            for token, i in _han_tokens(tok):
+                masks[:, :, i] = char_rhyme_classes(token, system)
+            _RHYMES[key] = masks
     return _RHYMES[key]
+
+
+def class_sizes(tok: Tokenizer, system: str, tone: int, need: int, distinct: bool) -> torch.Tensor:
+    """long [C]: per class of `system` read with `tone`, the tokens that can fill a position needing `need`;
+    `distinct`: the different characters among them in simplified form (華 and 华 count once)."""
+    key = (_vocab_key(tok), system, tone, need, distinct)
+    if key not in _CLASS_SIZES:
+        admissible = rhyme_masks(tok, system)[tone] & vocab_tables(tok).tone_masks[need]
+        if distinct:
+            index = variant_ids(tok).expand_as(admissible)
+            present = torch.zeros(admissible.shape).scatter_reduce_(1, index, admissible.float(), reduce="amax")
+            _CLASS_SIZES[key] = present.sum(-1).long()
+        else:
+            _CLASS_SIZES[key] = admissible.sum(-1)
+    return _CLASS_SIZES[key]
 
 
 def variant_ids(tok: Tokenizer) -> torch.Tensor:
