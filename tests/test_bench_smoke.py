@@ -108,3 +108,35 @@ def test_bench_data_scale_steps(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert len(re.findall(r"[\d.]+ MB/s wall, +[\d.]+ MB/s CPU .*peak RSS 1 MB", out)) == 2, out
     assert re.search(r"open +open \d+\.\d+ s \(median of 1\).*peak RSS [\d,]+ MB", out), out
+
+
+def test_bench_overnight_compares_sizes_at_equal_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two run folders (metrics.csv and config.yaml as a night run writes them) with known curves: the table gives
+    each size's loss at equal minutes of training (a step's time at the run's median throughput) and the power law
+    fitted to each curve, read at the steps nine hours give."""
+    bench = load_script("bench_overnight")
+    curves = {"size-4x256": (2048.0, 2.0, 40.0, 0.5), "size-6x384": (1024.0, 1.5, 60.0, 0.5)}  # tok/s, a, b, c
+    for name, (speed, a, b, c) in curves.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text("data:\n  batch_size: 16\n  context_length: 256\n"
+                                         "night:\n  batch_size_factor: 0.5\noptim:\n  accumulation_steps: 1\n")
+        lines = ["step,train/loss,tokens_per_sec,night"]
+        lines += [f"{s},{a + b * s**-c},{speed if s % 100 else speed / 2},1" for s in range(10, 2410, 10)]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    assert bench.main(["--runs", *(str(tmp_path / n) for n in curves)]) == 0
+    out = capsys.readouterr().out
+    header, small, medium = out.splitlines()[:3]
+    assert header.split()[3:7] == ["5", "min", "10", "min"], out
+    # 2,048 tokens a step: size-4x256 makes a step a second, size-6x384 one every 2 s (the medians, not the dips).
+    small_cells, medium_cells = small.split(), medium.split()
+    assert small_cells[1:3] == ["2400", "2048"] and medium_cells[1:3] == ["2400", "1024"], out
+    # At 10 minutes: steps 541..600 for the first, 271..300 for the second: the mean of their curves there.
+    expect = [sum(2.0 + 40.0 * s**-0.5 for s in range(550, 601, 10)) / 6,
+              sum(1.5 + 60.0 * s**-0.5 for s in range(280, 301, 10)) / 3]
+    assert float(small_cells[4]) == pytest.approx(expect[0], abs=1e-3), out
+    assert float(medium_cells[4]) == pytest.approx(expect[1], abs=1e-3), out
+    # The night: 9 h at the median speed, and the fitted curve there is the true one (the curves are exact).
+    assert small_cells[-2] == "32,400" and medium_cells[-2] == "16,200", out
+    assert float(small_cells[-1]) == pytest.approx(2.0 + 40.0 * 32_400**-0.5, abs=0.02), out
+    assert float(medium_cells[-1]) == pytest.approx(1.5 + 60.0 * 16_200**-0.5, abs=0.02), out
