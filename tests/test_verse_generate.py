@@ -219,6 +219,31 @@ def test_a_vocabulary_without_level_characters_is_an_error_before_sampling():
     assert check(poem, "wujue").format_ok
 
 
+@pytest.mark.parametrize("batch", [3, 40])
+def test_a_form_admits_what_its_living_patterns_admit(lm, batch):
+    """The patterns of a form are held together (one tensor each): at every character position the mask is the
+    union of what each living pattern admits alone (`variant_allowed`, which enforce_keywords reads), less the
+    line ends already used where 重韵 is ruled out; for a few rows (the rhyme table read row by row) and for many
+    (one product)."""
+    generator = torch.Generator().manual_seed(1)
+    for form in ("wujue", "qilv"):
+        c = FormConstraint(lm.tokenizer, form, rhyme="pingshui", tones="lenient")
+        generated = torch.zeros(batch, 0, dtype=torch.long)
+        for step in range(c.steps):
+            allowed = c.mask(step, generated)
+            k = c.char_index.get(c.start + step)
+            if k is not None:
+                union = torch.zeros_like(allowed)
+                for vi in range(len(c.variants)):
+                    union |= c._state.variant_allowed(vi, k)
+                if k in c.distinct_at:
+                    assert not (allowed & ~union).any() and (union & ~allowed).sum() <= batch * 8 * len(c.distinct_at)
+                else:
+                    assert torch.equal(allowed, union), (form, k)
+            choice = torch.where(allowed, torch.rand(allowed.shape, generator=generator), -1.0).argmax(-1)
+            generated = torch.cat([generated, choice.unsqueeze(1)], dim=1)
+
+
 POLICIES = ("uniform", "oblique_first", "repeat_first")
 
 
