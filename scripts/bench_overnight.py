@@ -13,7 +13,7 @@ and is stopped by SIGTERM after `--minutes` (it saves a checkpoint; the same com
 are overrides for every run.
 
 The table gives, per size, its parameters, the steps it reached and its throughput, then its training loss (nats
-per token, the mean of the logged steps in the minute before) at equal times of training (a step's time from the
+per token, the mean of the logged steps in the five minutes before) at equal times of training (a step's time from the
 run's median throughput, so that a moment when something else held the core does not count against a size;
 validation and checkpoints left out). Every step reads new text (the night is less than one epoch), so the
 training loss measures what the model does on text it has not seen. Last, a power law with a floor fitted to each
@@ -118,13 +118,13 @@ def compare(run_dirs: list[Path]) -> None:
         at = steps * tokens_per_step / speed  # seconds of training at its median throughput
         rows.append((run_dir.name, steps, loss, at, speed, tokens_per_step))
     width = max(len(r[0]) for r in rows) + 2
-    marks = [m for m in (5, 10, 15, 20, 25, 30, 45, 60) if all(r[3][-1] >= m * 60 for r in rows)]
+    marks = [m for m in (10, 20, 30, 40, 50, 60, 90, 120) if all(r[3][-1] >= m * 60 for r in rows)]
     print(f"{'run':<{width}}{'steps':>7}{'tok/s':>7}" + "".join(f"{f'{m} min':>9}" for m in marks)
           + f"{'night steps':>13}{'fit at night':>14}")
     for name, steps, loss, at, speed, tokens_per_step in rows:
         cells = []
         for m in marks:
-            window = (at > (m - 1) * 60) & (at <= m * 60)
+            window = (at > (m - 5) * 60) & (at <= m * 60)
             cells.append(f"{loss[window].mean():>9.3f}")
         night = int(NIGHT_HOURS * 3600 * speed / tokens_per_step)
         use = steps >= 300  # after the warm-up
@@ -133,7 +133,7 @@ def compare(run_dirs: list[Path]) -> None:
             a, b, c = fit_power_law(steps[use], loss[use])
             fitted = f"{a + b * night**-c:.3f}"
         print(f"{name:<{width}}{int(steps[-1]):>7}{speed:>7.0f}" + "".join(cells) + f"{night:>13,}{fitted:>14}")
-    print("training loss: nats per token, the mean over the minute before each time (a step's time at the run's "
+    print("training loss: nats per token, the mean over the 5 minutes before each time (a step's time at the run's "
           "median tokens/s); fit: a + b * step^-c from step 300 on, read at the steps of 9 hours at that speed")
 
 

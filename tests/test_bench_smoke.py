@@ -127,15 +127,15 @@ def test_bench_overnight_compares_sizes_at_equal_times(tmp_path: Path, capsys: p
     assert bench.main(["--runs", *(str(tmp_path / n) for n in curves)]) == 0
     out = capsys.readouterr().out
     header, small, medium = out.splitlines()[:3]
-    assert header.split()[3:7] == ["5", "min", "10", "min"], out
+    assert header.split()[3:7] == ["10", "min", "20", "min"], out
     # 2,048 tokens a step: size-4x256 makes a step a second, size-6x384 one every 2 s (the medians, not the dips).
     small_cells, medium_cells = small.split(), medium.split()
     assert small_cells[1:3] == ["2400", "2048"] and medium_cells[1:3] == ["2400", "1024"], out
-    # At 10 minutes: steps 541..600 for the first, 271..300 for the second: the mean of their curves there.
-    expect = [sum(2.0 + 40.0 * s**-0.5 for s in range(550, 601, 10)) / 6,
-              sum(1.5 + 60.0 * s**-0.5 for s in range(280, 301, 10)) / 3]
-    assert float(small_cells[4]) == pytest.approx(expect[0], abs=1e-3), out
-    assert float(medium_cells[4]) == pytest.approx(expect[1], abs=1e-3), out
+    # At 10 minutes: steps 301..600 for the first, 151..300 for the second: the mean of their curves there.
+    expect = [sum(2.0 + 40.0 * s**-0.5 for s in range(310, 601, 10)) / 30,
+              sum(1.5 + 60.0 * s**-0.5 for s in range(160, 301, 10)) / 15]
+    assert float(small_cells[3]) == pytest.approx(expect[0], abs=1e-3), out
+    assert float(medium_cells[3]) == pytest.approx(expect[1], abs=1e-3), out
     # The night: 9 h at the median speed, and the fitted curve there is the true one (the curves are exact).
     assert small_cells[-2] == "32,400" and medium_cells[-2] == "16,200", out
     assert float(small_cells[-1]) == pytest.approx(2.0 + 40.0 * 32_400**-0.5, abs=0.02), out
