@@ -39,7 +39,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def served_model(model_dir) -> Path:
-    return Path(os.environ["LINGMAO_SERVE_MODEL"]) if os.environ.get("LINGMAO_SERVE_MODEL") else model_dir
+    return Path(os.environ["LINGMAO_SERVE_MODEL"]).resolve() if os.environ.get("LINGMAO_SERVE_MODEL") else model_dir
 
 
 @pytest.fixture(scope="module")
