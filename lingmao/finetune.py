@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,16 @@ class InitSource:
         if changed:
             log.info("init_from: the model's shape is the source's (%s as in %s)", ", ".join(changed), self.path)
         return model_config_from_dict(values)
+
+    def with_source_authors(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """This run's conditioning record (`LMDataModule.condition_record`) with the source's authors added to its
+        own, poems counted together: a fine-tuned model still knows every poet its source was conditioned on."""
+        source = (self.config.get("condition") or {}).get("authors") or {}
+        if not record or "authors" not in record or not source:
+            return record
+        counts = Counter(source)
+        counts.update(record["authors"])
+        return {**record, "authors": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
 
     # -- vocabulary ----------------------------------------------------------------------------------
     def tokenizer_for(self, counts: np.ndarray, extend: bool) -> tuple[Tokenizer, int]:

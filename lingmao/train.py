@@ -118,6 +118,8 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
         result.test = test_result(trainer, lm, dm)
     model = full_model(lm.model) if conf.export or conf.show_samples else None  # whole weights (on rank 0)
     condition = dm.condition_record() if trainer.is_global_zero and (conf.export or conf.show_samples) else None
+    if init is not None:
+        condition = init.with_source_authors(condition)  # and the poets the source model knew
     if conf.export and trainer.is_global_zero:
         result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
         lines = LineSet.from_files(dm.files("train"), dm.source)  # what generation must not copy

@@ -28,6 +28,11 @@ def weights(export: Path) -> dict[str, torch.Tensor]:
     return load_file(export / "model.safetensors")
 
 
+def authors(export: Path) -> dict[str, int]:
+    """The poets an export was conditioned on, with their poems in training."""
+    return json.loads((export / "config.json").read_text(encoding="utf-8"))["condition"]["authors"]
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny model trained for 10 steps on 200 poems: its export and its run's last checkpoint."""
@@ -81,6 +86,16 @@ def test_missing_characters_are_an_error_or_new_rows(base, tmp_path):
     for key in ("embedding.weight", "head.weight"):
         assert torch.equal(new[key][: len(vocab)], old[key])
         assert torch.allclose(new[key][len(vocab):], old[key].mean(0).expand(added, -1), atol=1e-6)
+
+    # Fine-tuned again on other poets: the export knows the source's poets as well as its own, poems counted.
+    train_file = base[1]
+    again = run(tmp_path, "again", train_file, test_file, f"init_from={tuned.export_dir}",
+                "init_from_extend_vocab=true", "data.condition=[title,author]", steps=0)
+    own = run(tmp_path, "own", train_file, test_file, "data.condition=[title,author]", steps=0)
+    source, mine, both = authors(tuned.export_dir), authors(own.export_dir), authors(again.export_dir)
+    assert set(source) - set(mine) and set(mine) - set(source)  # two sets of poets, each with its own
+    assert both == {a: source.get(a, 0) + mine.get(a, 0) for a in {*source, *mine}}
+    assert list(both.values()) == sorted(both.values(), reverse=True)  # most poems first
 
 
 def test_init_from_problems_are_named_before_anything_runs(tmp_path):
