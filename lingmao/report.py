@@ -152,14 +152,17 @@ SAMPLE_TITLE = "春望"
 
 @rank_zero_only
 def log_samples(model: Any, tokenizer: Any, data_cfg: dict[str, Any], seed: int,
-                condition: dict[str, Any] | None = None) -> None:
+                condition: dict[str, Any] | None = None, lines: Any = None) -> None:
     """Print a 五绝 and a 七绝 from the model just trained, so the user sees at once what the run bought; a model
-    conditioned on title and author also writes a 七绝 to a title in the manner of its most prolific poet."""
+    conditioned on title and author also writes a 七绝 to a title in the manner of its most prolific poet. With
+    the training lines (`lines`, what the export keeps) no line is copied, and each poem is the one
+    `python -m lingmao.generate` gives from the export with the same seed."""
     from lingmao.errors import LingmaoError
     from lingmao.export import LingmaoModel
 
     model.eval()
-    lm = LingmaoModel(model, tokenizer, {"data": data_cfg, **({"condition": condition} if condition else {})})
+    lm = LingmaoModel(model, tokenizer, {"data": data_cfg, **({"condition": condition} if condition else {})},
+                      lines=lines)
     samples = [("wujue", "五绝", {}), ("qijue", "七绝", {})]
     fields, authors = (condition or {}).get("fields") or [], list((condition or {}).get("authors") or {})
     if "title" in fields and "author" in fields and authors:

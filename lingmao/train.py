@@ -120,16 +120,18 @@ def _train(cfg: DictConfig, folder: runs.RunFolder) -> TrainResult:
     condition = dm.condition_record() if trainer.is_global_zero and (conf.export or conf.show_samples) else None
     if init is not None:
         condition = init.with_source_authors(condition)  # and the poets the source model knew
-    if conf.export and trainer.is_global_zero:
-        result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
+    lines = None
+    if (conf.export or conf.show_samples) and trainer.is_global_zero:
         lines = LineSet.from_files(dm.files("train"), dm.source)  # what generation must not copy
         lines = lines.union(init.lines if init is not None else None)  # and what the source model trained on
+    if conf.export and trainer.is_global_zero:
+        result.export_dir = Path(conf.model_save_dir) if conf.model_save_dir else run_dir / "export"
         export_model(result.export_dir, model, tokenizer, conf.model, dataclasses.asdict(conf.data), condition,
                      lines=lines)
         log.info("exported the model to %s", result.export_dir)
     report.log_summary(trainer, result.checkpoint, result.export_dir, result.test)
     if conf.show_samples and trainer.is_global_zero:
-        report.log_samples(model, tokenizer, dataclasses.asdict(conf.data), conf.seed, condition)
+        report.log_samples(model, tokenizer, dataclasses.asdict(conf.data), conf.seed, condition, lines)
     if trainer.is_global_zero:
         sweep.mark_finished(run_dir, cfg, result.best_val_loss, result.last_val_loss, trainer.global_step)
     return result

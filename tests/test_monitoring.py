@@ -210,6 +210,14 @@ def test_output_is_quiet_lines_config_tree_and_summary(short_run):
     han = "[\u3400-\u9fff]"
     assert re.search(f"a 五绝 from this model.*\n({han}{{5}}，{han}{{5}}。\n){{2}}", out), out[-2000:]
     assert re.search(f"a 七绝 from this model.*\n({han}{{7}}，{han}{{7}}。\n){{2}}", out), out[-2000:]
+    # Each is the poem the export gives with the command the line names (the export's training lines included).
+    from lingmao import load_model
+
+    seed = OmegaConf.load(run_dir / "config.yaml").seed
+    exported = load_model(run_dir / "export")
+    assert exported.lines is not None
+    for form in ("wujue", "qijue"):
+        assert f"form={form} seed={seed}):\n{exported.generate(form=form, seed=seed)[0]}\n" in out, out[-2000:]
 
 
 @pytest.mark.slow
