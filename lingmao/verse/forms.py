@@ -323,7 +323,6 @@ class FormConstraint:
             self.fixed.setdefault(self.char_index[self._slot_of(line, 0)], ch)
         self.fixed_ids = {k: tok.token_to_id(ch) for k, ch in self.fixed.items()}
         self.masks = rhyme_masks(tok, self.system) if any(v.rhymes for v in self.variants) else None
-        self.masks_float = rhyme_masks(tok, self.system, torch.float32) if self.masks is not None else None
         self.tok = tok
         self.variant_of = variant_ids(tok)  # token -> one token of the same character (simplified form)
         self._select_variants()
@@ -503,7 +502,6 @@ class _State:
         self.tone_masks = c.tables.tone_masks.to(device)
         self.variant_of = c.variant_of.to(device)
         self.rhyme_masks = c.masks.to(device) if c.masks is not None else None
-        self.rhyme_float = c.masks_float.to(device) if c.masks is not None else None
         n, nv = len(c.char_slots), len(c.variants)
         self.level = torch.zeros(batch, n, dtype=torch.bool, device=device)
         self.tokens = torch.full((batch, n), -1, dtype=torch.long, device=device)  # the token at each position
@@ -576,8 +574,8 @@ class _State:
                 if need is not None:  # one tone mask for all: the classes any living variant allows
                     classes = any_along(live & self.alive[:, variants, None], 1)  # [batch, C]
                     allowed |= self.tone_masks[need] & self._admitted(classes, t)
-                else:
-                    rhymes = (live.float() @ self.rhyme_float[t]) > 0  # [batch, r, V]: a possible class admits it
+                else:  # what each variant's classes admit ([batch, r, V]), each under its own tone mask
+                    rhymes = self._admitted(live.flatten(0, 1), t).view(self.batch, len(variants), -1)
                     tones = self.tone_masks[self.needs(k)[:, variants]]
                     allowed |= any_along(tones & rhymes & self.alive[:, variants, None], 1)
         if k in self.c.distinct_at:  # no 重韵: not a character that ended an earlier line that may rhyme
@@ -597,13 +595,13 @@ class _State:
         return m & self.alive[:, vi : vi + 1]
 
     def _admitted(self, classes: torch.Tensor, t: int) -> torch.Tensor:
-        """bool [batch, V]: the tokens that rhyme (read with tone t) in one of each row's `classes` (bool [batch, C]):
+        """bool [rows, V]: the tokens that rhyme (read with tone t) in one of each row's `classes` (bool [rows, C]):
         the union of those classes' rows of the table, row by row (one product reading the whole table for all
         rows costs more unless the rows are many)."""
-        if self.batch > 32:
-            return (classes.float() @ self.rhyme_float[t]) > 0
         table = self.rhyme_masks[t]
-        none = torch.zeros(table.size(1), dtype=torch.bool, device=self.device)
+        if classes.size(0) > 32:
+            return (classes.float() @ table.float()) > 0
+        none = torch.zeros(table.size(1), dtype=torch.bool, device=table.device)
         return torch.stack([any_along(table[row], 0) if bool(row.any()) else none for row in classes])
 
     def fold_token(self, slot_index: int, tokens: torch.Tensor) -> None:

@@ -54,7 +54,7 @@ def char_rhyme_classes(ch: str, system: str) -> torch.Tensor:
 
 
 _TABLES: dict[str, VocabTables] = {}
-_RHYMES: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+_RHYMES: dict[tuple[str, str], torch.Tensor] = {}
 _VARIANTS: dict[str, torch.Tensor] = {}
 _CLASS_SIZES: dict[tuple[str, str, int, int, bool], torch.Tensor] = {}
 _KEYS: dict[int, tuple[Tokenizer, int, str]] = {}
@@ -89,19 +89,15 @@ def vocab_tables(tok: Tokenizer) -> VocabTables:
     return _TABLES[key]
 
 
-def rhyme_masks(tok: Tokenizer, system: str, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """[3, C, V]: token v rhymes in class c of `system` when read with tone t (0 any, 1 平, 2 仄); bool, or 0/1 as
-    `dtype` (float: for the products that find what the classes still possible admit)."""
-    key = (_vocab_key(tok), system, dtype)
+def rhyme_masks(tok: Tokenizer, system: str) -> torch.Tensor:
+    """bool [3, C, V]: token v rhymes in class c of `system` when read with tone t (0 any, 1 平, 2 仄)."""
+    key = (_vocab_key(tok), system)
     if key not in _RHYMES:
-        if dtype != torch.bool:
-            _RHYMES[key] = rhyme_masks(tok, system).to(dtype)
-        else:
-            size = tok.get_vocab_size()
-            masks = torch.zeros(len(RHYME_TONES), len(rhyme.class_names(system)), size, dtype=torch.bool)
-            for token, i in _han_tokens(tok):
-                masks[:, :, i] = char_rhyme_classes(token, system)
-            _RHYMES[key] = masks
+        size = tok.get_vocab_size()
+        masks = torch.zeros(len(RHYME_TONES), len(rhyme.class_names(system)), size, dtype=torch.bool)
+        for token, i in _han_tokens(tok):
+            masks[:, :, i] = char_rhyme_classes(token, system)
+        _RHYMES[key] = masks
     return _RHYMES[key]
 
 
