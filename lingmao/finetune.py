@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lingmao.data.condition import ranked_authors
 from lingmao.data.tokenizer import (
     CODE_POINTS,
     ESCAPED,
@@ -104,7 +105,7 @@ class InitSource:
             return record
         counts = Counter(source)
         counts.update(record["authors"])
-        return {**record, "authors": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
+        return {**record, "authors": ranked_authors(counts)}
 
     # -- vocabulary ----------------------------------------------------------------------------------
     def tokenizer_for(self, counts: np.ndarray, extend: bool) -> tuple[Tokenizer, int]:

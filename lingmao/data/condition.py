@@ -188,6 +188,11 @@ def model_conditioning(config: Mapping[str, Any], tok: Any) -> Conditioning | No
     return Conditioning(tuple(name for name, token in TOKEN_OF.items() if tok.token_to_id(token) is not None))
 
 
+def ranked_authors(poems: Mapping[str, int]) -> dict[str, int]:
+    """Authors with their poems in training, most poems first (then by name): the order exports keep them in."""
+    return dict(sorted(poems.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def check_author(author: str, authors: Mapping[str, int]) -> None:
     """A LingmaoError naming the closest of the model's authors when `author` is not one of them."""
     if author in authors:

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from lingmao.data.cache import CacheEntry, TokenFile, conversion_version, open_caches
-from lingmao.data.condition import conditioning, document_frequencies, header_values
+from lingmao.data.condition import conditioning, document_frequencies, header_values, ranked_authors
 from lingmao.data.config import DataConfig
 from lingmao.data.reading import TextSource, input_files, is_txt
 from lingmao.data.tokenizer import (
@@ -140,7 +140,7 @@ class LMDataModule(L.LightningDataModule):
             authors: Counter[str] = Counter()
             for entry, mask in zip(entries, masks, strict=True):
                 authors.update(header_values(entry, "author", None if mask is None else ~mask))
-            record["authors"] = dict(sorted(authors.items(), key=lambda kv: (-kv[1], kv[0])))
+            record["authors"] = ranked_authors(authors)
         return record
 
     def use_tokenizer(self, tok: Tokenizer) -> None:
