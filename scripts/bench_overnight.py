@@ -52,10 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def size_overrides(size: str) -> list[str]:
+def size_dims(size: str) -> dict[str, int]:
+    """The model keys of LAYERSxWIDTH: heads of 64, an MLP of 4 x width."""
     layers, width = (int(x) for x in size.lower().split("x"))
-    return [f"model.num_layers={layers}", f"model.d_model={width}", f"model.nhead={max(1, width // 64)}",
-            f"model.dim_feedforward={4 * width}"]
+    return {"num_layers": layers, "d_model": width, "nhead": max(1, width // 64), "dim_feedforward": 4 * width}
 
 
 def night_steps(size: str, vocab_size: int = 13_600, context: int = 256) -> int:
@@ -65,9 +65,7 @@ def night_steps(size: str, vocab_size: int = 13_600, context: int = 256) -> int:
     from lingmao.model import ModelConfig, train_flops_per_token
 
     small = ModelConfig.of_size("small")
-    layers, width = (int(x) for x in size.lower().split("x"))
-    other = dataclasses.replace(small, num_layers=layers, d_model=width, nhead=max(1, width // 64),
-                                dim_feedforward=4 * width)
+    other = dataclasses.replace(small, **size_dims(size))
     ratio = train_flops_per_token(small, vocab_size, context) / train_flops_per_token(other, vocab_size, context)
     return int(round(SMALL_STEPS * ratio, -2))
 
@@ -77,10 +75,12 @@ def train(args: argparse.Namespace) -> list[Path]:
     cores = sorted(os.sched_getaffinity(0))
     if len(args.sizes) > len(cores):
         sys.exit(f"{len(args.sizes)} sizes but {len(cores)} cores: one core per size")
+    args.runs_dir.mkdir(parents=True, exist_ok=True)  # the runs' logs go beside it
     processes = []
     for size, max_steps, core in zip(args.sizes, steps, cores, strict=False):
         command = [sys.executable, "-m", "lingmao.train", "experiment=overnight", f"run_name=size-{size}",
-                   "night.now=23:00", f"trainer.max_steps={max_steps}", *size_overrides(size), *args.overrides]
+                   "night.now=23:00", f"trainer.max_steps={max_steps}",
+                   *(f"model.{key}={value}" for key, value in size_dims(size).items()), *args.overrides]
         print(f"core {core}: {' '.join(command[1:])}", flush=True)
         log = open(args.runs_dir.parent / f"size-{size}.log", "w")  # noqa: SIM115 (closed with the process)
         processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
