@@ -42,6 +42,8 @@ UPSTREAM = (
     Upstream("torch.optim._muon:_zeropower_via_newtonschulz", "torch", "2.13.0",
              "lingmao.optim.Muon: the Newton-Schulz iteration in float32 on CPUs"),
     Upstream("torch.optim._muon:_adjust_lr", "torch", "2.13.0", "lingmao.optim.Muon: the per-matrix learning rate"),
+    Upstream("torch:Tensor._version", "torch", "2.13.0",
+             "lingmao.model.GPT.decode_step: kept while no weight has changed"),
 )
 
 
@@ -183,3 +185,20 @@ def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     return lr * math.sqrt(max(1, rows / cols))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch's version counters
+# ----------------------------------------------------------------------------------------------
+def parameters_state(module: torch.nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """What changes when any parameter of `module` is replaced or written in place (by an optimizer, by
+    `load_state_dict`, ...): each one's storage and the version counter torch keeps for autograd
+    (`Tensor._version`, which every in-place operation increments; torch has no public way to ask whether a
+    tensor changed). None where that cannot be told: tensor subclasses (FSDP's DTensors) and tensors made in
+    inference mode, which keep no counter."""
+    state = []
+    for p in module.parameters():
+        if type(p.data) is not torch.Tensor or p.is_inference():
+            return None
+        state.append((p.data_ptr(), p._version))
+    return tuple(state)

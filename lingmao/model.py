@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lingmao import compat
 from lingmao.checks import check_fields, choice, number
 from lingmao.errors import LingmaoError
 
@@ -261,6 +262,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, vocab_size, bias=False)
+        self._decode_step: tuple[Any, DecodeStep] | None = None  # see decode_step
         cos, sin = rope_tables(config.max_len, config.d_model // config.nhead, config.rope_base)
         # Not persistent: pure functions of the config, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -318,8 +320,20 @@ class GPT(nn.Module):
         return train_flops_per_token(self.config, self.vocab_size, seq_len)
 
     def decode_step(self) -> DecodeStep:
-        """A `DecodeStep` with this model's weights as they are now."""
-        return DecodeStep(self)
+        """A `DecodeStep` with this model's weights as they are now: the one made before while no parameter has
+        changed since and the model has not been put in training mode (a step copies every matrix: 14 ms for
+        model=small on a CPU, a tenth of the time a short poem takes to decode), a new one otherwise."""
+        state = compat.parameters_state(self)
+        if state is not None and self._decode_step is not None and self._decode_step[0] == state:
+            return self._decode_step[1]
+        step = DecodeStep(self)
+        self._decode_step = (state, step) if state is not None else None
+        return step
+
+    def train(self, mode: bool = True) -> GPT:
+        if mode:  # weights about to change: the copy of them a kept decoding step holds is let go
+            self._decode_step = None
+        return super().train(mode)
 
 
 def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lingmao.decoding import context_start
-from lingmao.model import GPT, ModelConfig, SimpleTransformer
+from lingmao.model import GPT, DecodeStep, ModelConfig, SimpleTransformer
 from lingmao.sampling import sample_ids
 
 VOCAB, EOS = 60, 3
@@ -124,6 +124,62 @@ def test_the_context_matters(model):
     cached, _ = both(model, max_new_tokens=60, num_samples=1)
     short, _ = both(model, max_new_tokens=60, num_samples=1, context_length=2)
     assert cached != short
+
+
+def fresh_model() -> GPT:
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=64), VOCAB)
+    for block in model.blocks:
+        nn.init.normal_(block.attn.proj.weight, std=0.3)
+        nn.init.normal_(block.mlp.proj.weight, std=0.3)
+    return model.eval()
+
+
+def step_logits(step, model: GPT) -> torch.Tensor:
+    cache = model.new_cache(2, 16)
+    return step(torch.tensor([5, 9]), torch.tensor([0, 0]), cache)
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "in-place write", "training mode", "to"])
+def test_the_decoding_step_is_kept_until_a_weight_changes(change):
+    """`GPT.decode_step` copies every matrix; it gives the same step again while nothing changed, and a step with
+    the new weights after any change (a kept step with the old weights would decode with a stale model)."""
+    model = fresh_model()
+    kept = model.decode_step()
+    assert model.decode_step() is kept
+    with torch.no_grad():
+        before = step_logits(kept, model)
+    if change == "optimizer step":  # in evaluation mode, so that only the step itself tells
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.tensor([[5, 6, 7]])).sum().backward()
+        optimizer.step()
+    elif change == "load_state_dict":
+        other = fresh_model()
+        with torch.no_grad():
+            other.head.weight.mul_(2.0)
+        model.load_state_dict(other.state_dict())
+    elif change == "in-place write":
+        with torch.no_grad():
+            model.blocks[1].mlp.fc.weight.add_(0.5)
+    elif change == "training mode":
+        model.train().eval()
+    else:
+        model.to(torch.float64).to(torch.float32)
+    step = model.decode_step()
+    assert step is not kept
+    assert model.decode_step() is step
+    with torch.no_grad():
+        after, rebuilt = step_logits(step, model), step_logits(DecodeStep(model), model)
+    assert torch.equal(after, rebuilt)
+    if change != "training mode" and change != "to":
+        assert not torch.equal(after, before)
+
+
+def test_a_model_made_in_inference_mode_gets_a_new_step_each_time():
+    """Its tensors keep no version counter, so a change could not be seen: nothing is kept."""
+    with torch.inference_mode():
+        model = fresh_model()
+        assert model.decode_step() is not model.decode_step()
 
 
 def test_a_model_without_cache_samples_past_its_window():
