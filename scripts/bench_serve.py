@@ -1,7 +1,7 @@
 """Throughput and latency of `python -m lingmao.serve` with 1, 4 and 16 concurrent clients, batched decoding against
 one generation at a time, in one invocation.
 
-    python scripts/bench_serve.py                          # model=small with random weights, 五律, 1 thread
+    python scripts/bench_serve.py                          # model=small with random weights, 五律
     python scripts/bench_serve.py --form free --new-tokens 64          # free text instead of a form
     python scripts/bench_serve.py --model-dir outputs/runs/default/export --clients 1 4 16 --form qijue
 
@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "free: free text of --new-tokens characters")
     p.add_argument("--new-tokens", type=int, default=48, help="characters of a free-text request (default: 48)")
     p.add_argument("--batch", type=int, default=16, help="limits.max_concurrent of the batched server (default: 16)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each server (default: 1)")
+    p.add_argument("--threads", type=int, help="threads= of each server: its torch CPU threads (default: the "
+                   "server's own, 1)")
     return p.parse_args(argv)
 
 
@@ -83,10 +84,12 @@ def random_small_export(directory: Path) -> Path:
 class Server:
     """`python -m lingmao.serve model_dir=DIR port=0 limits.max_concurrent=N ...` in a process of its own."""
 
-    def __init__(self, model_dir: Path, max_concurrent: int, threads: int, cwd: Path) -> None:
+    def __init__(self, model_dir: Path, max_concurrent: int, threads: int | None, cwd: Path) -> None:
         args = [sys.executable, "-m", "lingmao.serve", f"model_dir={model_dir}", "port=0", "device=cpu",
                 f"limits.max_concurrent={max_concurrent}", "limits.max_queued=256", "limits.time_s=600"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+        if threads is not None:
+            args.append(f"threads={threads}")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(args, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)
         self.log: list[str] = []
@@ -103,6 +106,7 @@ class Server:
             self.stop()
             raise SystemExit("the server did not start:\n" + "".join(self.log))
         found = re.search(r"serving on http://([\d.]+):(\d+)/", "".join(self.log))
+        self.threads = int(re.search(r"(\d+) CPU thread", "".join(self.log)).group(1))
         self.host, self.port = found.group(1), int(found.group(2))
 
     def generate(self, body: dict) -> tuple[float, dict]:
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 server.stop()
     print(f"lingmao.serve, {'model ' + str(args.model_dir) if args.model_dir else 'model=small, random weights'}, "
-          f"form {args.form}, {args.rounds} requests per client, {args.threads} torch thread(s) per server, "
+          f"form {args.form}, {args.rounds} requests per client, "
+          f"{servers['batched'].threads} torch thread(s) per server, "
           f"batched: limits.max_concurrent={args.batch}; load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{'clients':>7}  {'mode':<14}{'requests':>9}{'chars/s':>10}{'p50 s':>8}{'p95 s':>8}")
     for clients in args.clients:

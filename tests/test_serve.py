@@ -618,6 +618,17 @@ def test_port_in_use_is_a_one_line_error(model_dir):
         taken.close()
 
 
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "two", True])
+def test_a_bad_thread_count_is_a_one_line_error_before_the_model_loads(bad, tmp_path):
+    from omegaconf import OmegaConf
+
+    from lingmao.serve.__main__ import run
+
+    cfg = OmegaConf.create({"model_dir": str(tmp_path / "no model here"), "port": 0, "threads": bad})
+    with pytest.raises(LingmaoError, match=rf"^threads={bad}: not a number of threads \(a whole number >= 1\)$"):
+        run(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
@@ -629,7 +640,7 @@ def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
 
     caplog.set_level(logging.INFO, logger="lingmao.serve")
     cfg = OmegaConf.create({"model_dir": str(model_dir), "host": "127.0.0.1", "port": 0, "device": "cpu",
-                            "limits": {"max_new_tokens": 20000}})
+                            "limits": {"max_new_tokens": 20000}, "threads": 2})
     events: list[dict] = []
     after: list[int] = []
 
@@ -657,8 +668,11 @@ def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
+    threads = torch.get_num_threads()
     run(cfg)  # returns: no KeyboardInterrupt, no re-raised signal
     thread.join(10)
+    assert torch.get_num_threads() == threads  # threads=2 (logged below) was for the server's run only
+    assert any(re.search(r", 2 CPU thread\(s\)$", r.getMessage()) for r in caplog.records)
     assert events[0]["event"] == "start" and events[-1]["event"] == "done", events[-1]
     assert events[-1]["stopped"] == "the server is shutting down" and 3 <= events[-1]["new_tokens"] < 20000
     lines = [r.getMessage() for r in caplog.records[after[0]:]]

@@ -110,11 +110,12 @@ def make_server(app: Any, on_signal: Callable[[int], None]) -> Any:
 def run(cfg: DictConfig) -> None:
     require_serve_extra()
     limits, site = limits_and_site(cfg)  # bad keys are reported before anything is loaded
+    threads = decoding_threads(cfg.get("threads", 1))
     host = str(cfg.get("host") or "127.0.0.1")
     sock = bind(host, cfg.get("port", 8000))
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM while loading: as Ctrl-C
     try:
-        serve(cfg, host, sock, limits, site)
+        serve(cfg, host, sock, limits, site, threads)
     except KeyboardInterrupt:
         log.info("stopped before serving")
     finally:
@@ -132,13 +133,39 @@ def limits_and_site(cfg: DictConfig) -> tuple[Any, Any]:
     return limits, site
 
 
-def serve(cfg: DictConfig, host: str, sock: socket.socket, limits: Any, site: Any) -> None:
+def decoding_threads(setting: Any) -> int:
+    """`threads=`: torch's CPU threads for the server's decoding, a whole number >= 1.
+
+    One by default: then a request's text for a seed is the same whatever else is decoded beside it (the decoding
+    step's rows do not depend on each other); with more threads the BLAS may split a product's sums between them
+    differently for different numbers of rows, and that no longer holds. On the 2-core test machine one thread
+    was also the fastest for one reader and for sixteen (docs/serve.md#threads)."""
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise LingmaoError(f"threads={setting}: not a number of threads (a whole number >= 1)")
+    return setting
+
+
+def serve(cfg: DictConfig, host: str, sock: socket.socket, limits: Any, site: Any, threads: int) -> None:
+    import torch
+
     from lingmao.generate import load_for_inference
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        serve_model(load_for_inference(cfg), cfg, host, sock, limits, site)
+    finally:
+        torch.set_num_threads(before)  # as it was for whoever called run() in this process (tests do)
+
+
+def serve_model(lm: Any, cfg: DictConfig, host: str, sock: socket.socket, limits: Any, site: Any) -> None:
+    import torch
+
     from lingmao.serve.app import create_app
 
-    lm = load_for_inference(cfg)
     app = create_app(lm, limits, name=str(cfg.get("model_dir") or cfg.get("ckpt")), site=site, host=host)
-    log.info("model on %s, %d parameters", lm.device, sum(p.numel() for p in lm.model.parameters()))
+    log.info("model on %s, %d parameters, %d CPU thread(s)", lm.device, sum(p.numel() for p in lm.model.parameters()),
+             torch.get_num_threads())
     warm_verse_tables(lm.tokenizer)
     stopped: list[str] = []
 
