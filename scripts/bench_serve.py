@@ -4,6 +4,7 @@ one generation at a time, in one invocation.
     python scripts/bench_serve.py                          # model=small with random weights, 五律
     python scripts/bench_serve.py --form free --new-tokens 64          # free text instead of a form
     python scripts/bench_serve.py --model-dir outputs/runs/default/export --clients 1 4 16 --form qijue
+    python scripts/bench_serve.py --device cuda                        # on a GPU
 
 Two servers run the same export as a user runs them (`python -m lingmao.serve`, each in its own process): one
 with `limits.max_concurrent=16` (the default: the generations in flight are decoded together), one with
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "free: free text of --new-tokens characters")
     p.add_argument("--new-tokens", type=int, default=48, help="characters of a free-text request (default: 48)")
     p.add_argument("--batch", type=int, default=16, help="limits.max_concurrent of the batched server (default: 16)")
+    p.add_argument("--device", default="cpu", help="device= of each server: cpu, cuda, mps (default: cpu)")
     p.add_argument("--threads", type=int, help="threads= of each server: its torch CPU threads (default: the "
                    "server's own, 1)")
     return p.parse_args(argv)
@@ -84,8 +86,9 @@ def random_small_export(directory: Path) -> Path:
 class Server:
     """`python -m lingmao.serve model_dir=DIR port=0 limits.max_concurrent=N ...` in a process of its own."""
 
-    def __init__(self, model_dir: Path, max_concurrent: int, threads: int | None, cwd: Path) -> None:
-        args = [sys.executable, "-m", "lingmao.serve", f"model_dir={model_dir}", "port=0", "device=cpu",
+    def __init__(self, model_dir: Path, max_concurrent: int, threads: int | None, cwd: Path,
+                 device: str = "cpu") -> None:
+        args = [sys.executable, "-m", "lingmao.serve", f"model_dir={model_dir}", "port=0", f"device={device}",
                 f"limits.max_concurrent={max_concurrent}", "limits.max_queued=256", "limits.time_s=600"]
         if threads is not None:
             args.append(f"threads={threads}")
@@ -161,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = args.model_dir or random_small_export(Path(tmp) / "model")
-        servers = {"batched": Server(model_dir, args.batch, args.threads, Path(tmp)),
-                   "one at a time": Server(model_dir, 1, args.threads, Path(tmp))}
+        servers = {"batched": Server(model_dir, args.batch, args.threads, Path(tmp), args.device),
+                   "one at a time": Server(model_dir, 1, args.threads, Path(tmp), args.device)}
         try:
             def body(seed: int) -> dict:
                 return request(args.form, args.new_tokens, seed)
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
     print(f"lingmao.serve, {'model ' + str(args.model_dir) if args.model_dir else 'model=small, random weights'}, "
           f"form {args.form}, {args.rounds} requests per client, "
-          f"{servers['batched'].threads} torch thread(s) per server, "
+          f"device {args.device}, {servers['batched'].threads} torch thread(s) per server, "
           f"batched: limits.max_concurrent={args.batch}; load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{'clients':>7}  {'mode':<14}{'requests':>9}{'chars/s':>10}{'p50 s':>8}{'p95 s':>8}")
     for clients in args.clients:
