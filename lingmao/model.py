@@ -262,7 +262,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, vocab_size, bias=False)
-        self._decode_step: tuple[Any, DecodeStep] | None = None  # see decode_step
+        self._decode_step: tuple[tuple[tuple[int, int], ...], DecodeStep] | None = None  # see decode_step
         cos, sin = rope_tables(config.max_len, config.d_model // config.nhead, config.rope_base)
         # Not persistent: pure functions of the config, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -321,8 +321,10 @@ class GPT(nn.Module):
 
     def decode_step(self) -> DecodeStep:
         """A `DecodeStep` with this model's weights as they are now: the one made before while no parameter has
-        changed since and the model has not been put in training mode (a step copies every matrix: 14 ms for
-        model=small on a CPU, a tenth of the time a short poem takes to decode), a new one otherwise."""
+        changed since (a step copies every matrix: 14-18 ms for model=small on a CPU, a tenth of the time a 五律
+        takes to decode), a new one otherwise. In-place operations on a parameter, `load_state_dict` and
+        replaced tensors are seen; writes through `.data` are not (torch does not count them): after those,
+        `train()` or `to()` lets the kept step go."""
         state = compat.parameters_state(self)
         if state is not None and self._decode_step is not None and self._decode_step[0] == state:
             return self._decode_step[1]
@@ -334,6 +336,13 @@ class GPT(nn.Module):
         if mode:  # weights about to change: the copy of them a kept decoding step holds is let go
             self._decode_step = None
         return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GPT:
+        self._decode_step = None  # .to(), .half(), .cpu(), ...: the kept step holds copies of the old tensors
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_decode_step": None}  # copies and pickles of the model do not carry it
 
 
 def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

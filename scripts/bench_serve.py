@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=48, help="characters of a free-text request (default: 48)")
     p.add_argument("--batch", type=int, default=16, help="limits.max_concurrent of the batched server (default: 16)")
     p.add_argument("--device", default="cpu", help="device= of each server: cpu, cuda, mps (default: cpu)")
-    p.add_argument("--threads", type=int, help="threads= of each server: its torch CPU threads (default: the "
-                   "server's own, 1)")
+    p.add_argument("--threads", type=int, help="cpu_threads= of each server: its torch CPU threads (default: "
+                   "the server's own, 1)")
     return p.parse_args(argv)
 
 
@@ -91,7 +91,7 @@ class Server:
         args = [sys.executable, "-m", "lingmao.serve", f"model_dir={model_dir}", "port=0", f"device={device}",
                 f"limits.max_concurrent={max_concurrent}", "limits.max_queued=256", "limits.time_s=600"]
         if threads is not None:
-            args.append(f"threads={threads}")
+            args.append(f"cpu_threads={threads}")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(args, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)

@@ -175,6 +175,23 @@ def test_the_decoding_step_is_kept_until_a_weight_changes(change):
         assert not torch.equal(after, before)
 
 
+def test_a_kept_step_is_not_carried_by_copies_pickles_or_conversions(tmp_path):
+    """It holds a copy of every matrix: a saved or copied model must not carry it, and after `.to()` it would hold
+    the memory of the tensors before."""
+    import copy
+
+    model = fresh_model()
+    torch.save(model, tmp_path / "without.pt")
+    kept = model.decode_step()
+    torch.save(model, tmp_path / "with.pt")
+    sizes = [(tmp_path / name).stat().st_size for name in ("with.pt", "without.pt")]
+    assert sizes[0] < 1.05 * sizes[1], sizes  # the step's copies would nearly double it
+    assert model.decode_step() is kept  # saving let nothing go
+    assert copy.deepcopy(model)._decode_step is None
+    model.to(torch.float32)
+    assert model._decode_step is None
+
+
 def test_a_model_made_in_inference_mode_gets_a_new_step_each_time():
     """Its tensors keep no version counter, so a change could not be seen: nothing is kept."""
     with torch.inference_mode():

@@ -624,23 +624,34 @@ def test_a_bad_thread_count_is_a_one_line_error_before_the_model_loads(bad, tmp_
 
     from lingmao.serve.__main__ import run
 
-    cfg = OmegaConf.create({"model_dir": str(tmp_path / "no model here"), "port": 0, "threads": bad})
-    with pytest.raises(LingmaoError, match=rf"^threads={bad}: not a number of threads \(a whole number >= 1\)$"):
+    cfg = OmegaConf.create({"model_dir": str(tmp_path / "no model here"), "port": 0, "cpu_threads": bad})
+    with pytest.raises(LingmaoError, match=rf"^cpu_threads={bad}: not a number of threads \(a whole number >= 1\)$"):
         run(cfg)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
+def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig, monkeypatch):
     """The app as `python -m lingmao.serve` runs it (in this process, so that the signal reaches its handlers):
-    a stream in flight when the signal comes ends with what it had, one line is logged, run() returns."""
+    a stream in flight when the signal comes ends with what it had, one line is logged, run() returns; its
+    decoding ran on `cpu_threads` threads, and the caller's count is back afterwards."""
     from omegaconf import OmegaConf
 
+    from lingmao.model import DecodeStep
     from lingmao.serve.__main__ import run
+
+    decoding: list[int] = []  # torch's thread count seen by each decoding step (on the server's decoding thread)
+    original_step = DecodeStep.__call__
+
+    def counted_step(self, *args):
+        decoding.append(torch.get_num_threads())
+        return original_step(self, *args)
+
+    monkeypatch.setattr(DecodeStep, "__call__", counted_step)
 
     caplog.set_level(logging.INFO, logger="lingmao.serve")
     cfg = OmegaConf.create({"model_dir": str(model_dir), "host": "127.0.0.1", "port": 0, "device": "cpu",
-                            "limits": {"max_new_tokens": 20000}, "threads": 2})
+                            "limits": {"max_new_tokens": 20000}, "cpu_threads": 2})
     events: list[dict] = []
     after: list[int] = []
 
@@ -671,7 +682,8 @@ def test_ctrl_c_and_sigterm_stop_the_server_in_one_line(model_dir, caplog, sig):
     threads = torch.get_num_threads()
     run(cfg)  # returns: no KeyboardInterrupt, no re-raised signal
     thread.join(10)
-    assert torch.get_num_threads() == threads  # threads=2 (logged below) was for the server's run only
+    assert torch.get_num_threads() == threads  # cpu_threads=2 was for the server's run only
+    assert decoding and set(decoding) == {2}, decoding  # and the decoding thread used it
     assert any(re.search(r", 2 CPU thread\(s\)$", r.getMessage()) for r in caplog.records)
     assert events[0]["event"] == "start" and events[-1]["event"] == "done", events[-1]
     assert events[-1]["stopped"] == "the server is shutting down" and 3 <= events[-1]["new_tokens"] < 20000

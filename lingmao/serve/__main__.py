@@ -110,7 +110,7 @@ def make_server(app: Any, on_signal: Callable[[int], None]) -> Any:
 def run(cfg: DictConfig) -> None:
     require_serve_extra()
     limits, site = limits_and_site(cfg)  # bad keys are reported before anything is loaded
-    threads = decoding_threads(cfg.get("threads", 1))
+    threads = decoding_threads(cfg.get("cpu_threads", 1))
     host = str(cfg.get("host") or "127.0.0.1")
     sock = bind(host, cfg.get("port", 8000))
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM while loading: as Ctrl-C
@@ -134,14 +134,14 @@ def limits_and_site(cfg: DictConfig) -> tuple[Any, Any]:
 
 
 def decoding_threads(setting: Any) -> int:
-    """`threads=`: torch's CPU threads for the server's decoding, a whole number >= 1.
+    """`cpu_threads=`: torch's CPU threads for the server's decoding, a whole number >= 1 (it overrides
+    OMP_NUM_THREADS).
 
     One by default: then a request's text for a seed is the same whatever else is decoded beside it (the decoding
     step's rows do not depend on each other); with more threads the BLAS may split a product's sums between them
-    differently for different numbers of rows, and that no longer holds. On the 2-core test machine one thread
-    was also the fastest for one reader and for sixteen (docs/serve.md#threads)."""
+    differently for different numbers of rows, and that no longer holds (docs/serve.md#threads)."""
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise LingmaoError(f"threads={setting}: not a number of threads (a whole number >= 1)")
+        raise LingmaoError(f"cpu_threads={setting}: not a number of threads (a whole number >= 1)")
     return setting
 
 
@@ -151,7 +151,7 @@ def serve(cfg: DictConfig, host: str, sock: socket.socket, limits: Any, site: An
     from lingmao.generate import load_for_inference
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # the decoding thread, started later, takes this count too
     try:
         serve_model(load_for_inference(cfg), cfg, host, sock, limits, site)
     finally:
