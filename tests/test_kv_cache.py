@@ -14,15 +14,18 @@ VOCAB, EOS = 60, 3
 PROMPT = [2, 10, 11, 12, 13]
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=256)
-    model = GPT(cfg, VOCAB).eval()
+def fresh_model(seed: int = 3, max_len: int = 64) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=max_len), VOCAB)
     for block in model.blocks:  # zero-initialised projections would make every block the identity
         nn.init.normal_(block.attn.proj.weight, std=0.3)
         nn.init.normal_(block.mlp.proj.weight, std=0.3)
-    return model
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return fresh_model(seed=0, max_len=256)
 
 
 def both(model: nn.Module, **kw) -> tuple[list[list[int]], list[list[int]]]:
@@ -124,15 +127,6 @@ def test_the_context_matters(model):
     cached, _ = both(model, max_new_tokens=60, num_samples=1)
     short, _ = both(model, max_new_tokens=60, num_samples=1, context_length=2)
     assert cached != short
-
-
-def fresh_model() -> GPT:
-    torch.manual_seed(3)
-    model = GPT(ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=64), VOCAB)
-    for block in model.blocks:
-        nn.init.normal_(block.attn.proj.weight, std=0.3)
-        nn.init.normal_(block.mlp.proj.weight, std=0.3)
-    return model.eval()
 
 
 def step_logits(step, model: GPT) -> torch.Tensor:
